@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spikevaediff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `spikevaediff inspect S.nwb --json | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
