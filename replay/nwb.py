@@ -109,6 +109,11 @@ class Session:
                 peak_channel_ids=peaks.astype(np.int64), quality=quality, rows=np.arange(n), **metric)
         return self._all_units
 
+    @property
+    def session_id(self) -> str:
+        """The file's session id (Allen's ecephys session id), else the file name's stem."""
+        return str(self.nwb.session_id or self.path.stem)
+
     def areas(self) -> list[str]:
         """Areas that hold units, in visual-hierarchy order (other structures after, by name)."""
         present = set(self._unit_table().areas.tolist())
