@@ -37,6 +37,7 @@ class WeightSpec:
     source: str
     marker: str = ""  # for folders: a file that must exist inside (e.g. config.json)
     hf_repo: str = ""  # where a local Hugging Face cache may hold it
+    optional: bool = False  # needed only by some commands (e.g. the plain-VAE baseline)
 
 
 _TINY_SOURCE = "built offline by `spikevaediff models init-tiny` (random weights)"
@@ -52,6 +53,8 @@ WEIGHTS: dict[str, tuple[WeightSpec, ...]] = {
                    marker="model_index.json", hf_repo="shi-labs/versatile-diffusion"),
         WeightSpec("blip2", "blip2-opt-2.7b", "Hugging Face Salesforce/blip2-opt-2.7b",
                    marker="config.json", hf_repo="Salesforce/blip2-opt-2.7b"),
+        WeightSpec("vae", "vae/vae.th", "trained by `spikevaediff train-vdvae --arch vae` (optional baseline)",
+                   optional=True),
     ),
     "tiny": (
         WeightSpec("vdvae", "vdvae-tiny/vdvae.th", "trained by `spikevaediff train-vdvae`"),
@@ -59,6 +62,8 @@ WEIGHTS: dict[str, tuple[WeightSpec, ...]] = {
         WeightSpec("versatile_diffusion", "versatile-diffusion-tiny", _TINY_SOURCE,
                    marker="model_index.json"),
         WeightSpec("blip2", "blip2-tiny", _TINY_SOURCE, marker="config.json"),
+        WeightSpec("vae", "vae-tiny/vae.th", "trained by `spikevaediff train-vdvae --arch vae` (optional baseline)",
+                   optional=True),
     ),
 }
 
@@ -142,7 +147,7 @@ class ModelProfile:
 
     def require(self, *keys: str) -> None:
         """Raise MissingWeightsError listing every missing weight among `keys` (all if empty)."""
-        wanted = set(keys) if keys else {s.key for s in self.specs()}
+        wanted = set(keys) if keys else {s.key for s in self.specs() if not s.optional}
         missing = [(spec.key, str(path), spec.source)
                    for spec, path, present in self.status() if spec.key in wanted and not present]
         if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that contribute subcommands, in the order they appear in --help.
@@ -46,8 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_model_libraries() -> None:
+    """Offline, and no per-load progress bars or advisory chatter from Hugging Face libraries.
+
+    Set before transformers/diffusers are imported (they read these at import time); a user's own
+    settings win.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     from spikevaediff.core.errors import UserError
+
+    quiet_model_libraries()
 
     parser = build_parser()
     args = parser.parse_args(argv)

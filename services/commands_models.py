@@ -81,7 +81,8 @@ def _profile(args):
 def run_check(args) -> int:
     """Print the weights table; raise MissingWeightsError (exit 2) naming the missing ones."""
     profile = _profile(args)
-    rows = [{"weight": spec.key, "present": present, "path": str(path), "source": spec.source}
+    rows = [{"weight": spec.key, "present": present, "optional": spec.optional, "path": str(path),
+             "source": spec.source}
             for spec, path, present in profile.status()]
     if args.json:
         print(json.dumps({"profile": profile.name, "weights_dir": str(profile.weights_dir), "weights": rows},
@@ -92,7 +93,7 @@ def run_check(args) -> int:
         path_width = max(len(r["path"]) for r in rows)
         print(f"  {'weight':<{width}}  {'status':<7}  {'path':<{path_width}}  source")
         for r in rows:
-            status = "present" if r["present"] else "MISSING"
+            status = "present" if r["present"] else ("absent" if r["optional"] else "MISSING")
             print(f"  {r['weight']:<{width}}  {status:<7}  {r['path']:<{path_width}}  {r['source']}")
         sys.stdout.flush()
     profile.require()  # raises with every missing weight, path and source

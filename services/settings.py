@@ -1,0 +1,124 @@
+"""One validated configuration object for the live services (`run` writes it; `serve` reads it).
+
+A JSON file holds the endpoints of every lane, the inputs (sessions, bundle), the pacing, the
+refiner's settings and each service's thread budget. Everything is checked at load time so a
+service fails at start with one clear line, not mid-stream.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from spikevaediff.core.errors import UserError
+
+SERVICES = ("replay", "decoder", "refiner", "recorder")
+
+
+@dataclass
+class Endpoints:
+    """Where each lane lives. `bind` side first; peers connect to the same address.
+
+    counts:   replay PUB  -> decoder, recorder SUB       (lossless, ordered)
+    sync:     replay ROUTER <- subscribers' hello        (no slow-joiner loss)
+    preview:  decoder PUB -> recorder SUB (previews, refined images, status)
+    work:     decoder ROUTER <-> refiner DEALERs         (latest-wins refine requests)
+    control:  launcher PULL <- every service's status    (ready / stats / stopped)
+    """
+
+    counts: str = "tcp://127.0.0.1:5601"
+    sync: str = "tcp://127.0.0.1:5602"
+    preview: str = "tcp://127.0.0.1:5603"
+    work: str = "tcp://127.0.0.1:5604"
+    control: str = "tcp://127.0.0.1:5605"
+
+
+@dataclass
+class RefinerSettings:
+    steps: int = 5
+    strength: float = 0.75
+    scheduler: str = "dpmsolver++"
+    guidance_scale: float = 7.5
+    text_share: float = 0.4
+    backend: str = "torch"
+    backend_path: str = ""              # an ONNX file or TensorRT engine for those backends
+    skip_similarity: float = 0.0        # >0: skip a request whose embeddings have cosine >= this to the last refined
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class ServiceConfig:
+    sessions: list = field(default_factory=list)
+    bundle: str = ""
+    weights_dir: str = ""               # "" = the bundle's weights folder
+    out: str = "runs/live"
+    speed: float = 1.0                  # 1 = real time; 2 = twice as fast
+    start_frame: int = 0
+    duration: float = 30.0              # seconds of neural time to stream (0 = the whole movie once)
+    loop: bool = False
+    subscribers: list = field(default_factory=lambda: ["decoder", "recorder"])
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    refiner: RefinerSettings = field(default_factory=RefinerSettings)
+    n_refiners: int = 1
+    threads: dict = field(default_factory=lambda: {"replay": 1, "decoder": 1, "refiner": 1, "recorder": 1})
+    curve_dir: str = ""                 # folder of CURVE keys: enables encryption/authentication on tcp
+    heartbeat_s: float = 1.0
+    preview_seed: int = 0
+
+    def validate(self) -> "ServiceConfig":
+        if self.speed <= 0:
+            raise UserError(f"speed must be > 0, got {self.speed}")
+        if self.duration < 0:
+            raise UserError(f"duration must be >= 0, got {self.duration}")
+        if self.start_frame < 0:
+            raise UserError(f"start frame must be >= 0, got {self.start_frame}")
+        if self.n_refiners < 0:
+            raise UserError("n_refiners must be >= 0")
+        if not 0 < self.refiner.strength <= 1:
+            raise UserError(f"refiner strength must be in (0, 1], got {self.refiner.strength}")
+        if self.refiner.steps < 1:
+            raise UserError("refiner steps must be >= 1")
+        for name, value in asdict(self.endpoints).items():
+            if not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise UserError(f"endpoint {name} must be tcp://, ipc:// or inproc://, got '{value}'")
+        unknown = set(self.threads) - set(SERVICES)
+        if unknown:
+            raise UserError(f"unknown service(s) in threads: {', '.join(sorted(unknown))}")
+        return self
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> "ServiceConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw, source=str(path)).validate()
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "ServiceConfig":
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a JSON object")
+        nested = {"endpoints": Endpoints, "refiner": RefinerSettings}
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise UserError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        kwargs = {}
+        for key, value in raw.items():
+            if key in nested:
+                sub_known = {f.name for f in fields(nested[key])}
+                if not isinstance(value, dict) or set(value) - sub_known:
+                    raise UserError(f"{source}: bad '{key}' section (allowed keys: {', '.join(sorted(sub_known))})")
+                value = nested[key](**value)
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise UserError(f"{source}: {exc}") from None
