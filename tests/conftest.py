@@ -109,3 +109,33 @@ def minimal_nwb(tmp_path):
         frames = write_minimal_nwb(path, **options)
         return path, frames
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, small_session):
+    """A tiny-profile weights folder: offline CLIP, BLIP-2, Versatile Diffusion, and a VDVAE
+    trained for a few steps on the small session's natural_movie_three (fast, not good)."""
+    from spikevaediff.core.config import ModelProfile
+    from spikevaediff.core.tiny import ensure_tiny_weights
+    from spikevaediff.training.train_vdvae import TrainVDVAEConfig, load_frames, train_vdvae
+
+    weights = tmp_path_factory.mktemp("weights")
+    profile = ModelProfile("tiny", weights)
+    ensure_tiny_weights(profile, keys=("clip", "blip2", "versatile_diffusion"))
+    frames = load_frames(small_session, "natural_movie_three")
+    train_vdvae(TrainVDVAEConfig(out=profile.path("vdvae").parent, max_steps=20, minutes=1.0,
+                                 batch_size=8, progress=False, max_eval=16), frames)
+    return weights
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, small_session, tiny_weights):
+    """A bundle (all three ridges) trained on the small session's natural_movie_one, VISp + VISl."""
+    from spikevaediff.core.config import ModelProfile
+    from spikevaediff.training.fit import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    train(TrainConfig(sessions=[small_session], movie="natural_movie_one", out=out, areas=["VISp", "VISl"],
+                      profile=ModelProfile("tiny", tiny_weights), split="repeats",
+                      split_params={"n_test_repeats": 1}))
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def refine_picks(profile, decoded: Decoded, picks: np.ndarray, seed: int, steps:
     from spikevaediff.training.fit import ensure_offline_models
     ensure_offline_models(profile, ("versatile_diffusion",))
     # A reduced-step schedule: DPM-Solver++ with `steps` denoising steps at strength 0.75.
-    refiner = Refiner(profile, scheduler="dpmsolver++", steps=int(round(steps / 0.75)), strength=0.75)
+    refiner = Refiner(profile, scheduler="dpmsolver++", steps=math.ceil(steps / 0.75), strength=0.75)
     vis_shape = (-1, profile.embed_dim)
     out = []
     for i in tqdm(picks, desc="refining gallery", unit="image"):
