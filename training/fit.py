@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> Path:
     frame_ids, x = training_matrix(pop, split, cfg.average_repeats)
     ridges, train_metrics = fit_ridges(cfg, x, {k: v[frame_ids] for k, v in targets.items()}, frame_ids)
     manifest = BundleManifest(
-        profile=cfg.profile.name, weights_dir=str(cfg.profile.weights_dir), models=model_ids,
+        profile=cfg.profile.name, weights_dir=str(Path(cfg.profile.weights_dir).resolve()), models=model_ids,
         areas=sorted(set(pop.unit_areas.tolist())), units=[list(k) for k in pop.unit_keys],
         unit_areas=pop.unit_areas.tolist(), sessions=pop.sessions, movie=cfg.movie,
         n_frames=pop.n_frames, window=list(pop.window), n_subbins=pop.n_subbins,

@@ -62,7 +62,7 @@ def load_population(paths, movie: str, areas=None, window=None, n_subbins: int =
             if unit_ids is not None:
                 b = _select_units(b, unit_ids.get(sid), sid)
             binned.append(b)
-            sessions.append({"id": sid, "path": str(path)})
+            sessions.append({"id": sid, "path": str(path.resolve())})
     n_frames = int(max(b.frames.max() for b in binned)) + 1
     if len(binned) == 1:
         b = binned[0]

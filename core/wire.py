@@ -1,0 +1,419 @@
+"""The wire protocol: multipart ZeroMQ messages `[topic, msgpack header, raw payload frames...]`.
+
+Every message between the services is one `Message`. `encode` turns it into frames (the
+topic first, so SUB sockets can filter by kind and stream; array payloads as raw
+little-endian buffers, passed without a copy when already contiguous). `decode` is strict:
+it checks the version, the kind, every size against `Limits`, the dtype whitelist, shape
+against bytes, finite floats and every required field and type, and raises `WireError`
+with a short reason code. Nothing is ever unpickled: headers are plain msgpack maps
+(`raw=False`, string keys only, ext types refused).
+
+docs/PROTOCOL.md is the written specification; keep the two in step.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
+from typing import Any
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class Kind(str, Enum):
+    """Message kinds; the value is the first part of the topic."""
+
+    COUNTS = "counts"                  # binned spike counts of one bin (lossless lane)
+    PREVIEW = "preview"                # 64x64 VDVAE preview of one bin (latest-wins)
+    REFINE_REQUEST = "refine_request"  # preview + predicted CLIP embeddings for the refiner
+    REFINED = "refined"                # refined image (latest-wins)
+    STATUS = "status"                  # heartbeat / ready / error / stopping
+    END_OF_STREAM = "end_of_stream"    # the sender has no more messages on this stream
+
+
+class WireError(ValueError):
+    """A message that breaks the protocol. `reason` is a short stable code used for counters."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+# numpy dtype strings allowed on the wire (always little-endian or byte-sized).
+ALLOWED_DTYPES = frozenset({
+    "|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<i8", "<f2", "<f4", "<f8",
+})
+FLOAT_DTYPES = frozenset({"<f2", "<f4", "<f8"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a receiver enforces before it trusts anything in a message."""
+
+    max_header_bytes: int = 16 * 1024
+    max_payload_bytes: int = 8 * 1024 * 1024  # per frame: 2x a 512x512x3 image or a 257x768 f64
+    max_frames: int = 10                      # topic + header + up to 8 arrays
+    max_ndim: int = 4
+    max_topic_bytes: int = 128
+    max_stamps: int = 32
+    max_meta_items: int = 64
+    max_meta_depth: int = 4
+    dtypes: frozenset = ALLOWED_DTYPES
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class ArrayRule:
+    """What a kind expects of one named array."""
+
+    ndim: int
+    dtypes: frozenset | None = None  # None: any whitelisted dtype
+    required: bool = True
+    last_dim: int | None = None      # e.g. 3 for RGB images
+
+
+_IMAGE = ArrayRule(ndim=3, dtypes=frozenset({"|u1"}), last_dim=3)
+_EMBEDDING = ArrayRule(ndim=2, dtypes=FLOAT_DTYPES)
+
+# Arrays each kind must (or may) carry. Other names are allowed as extras.
+ARRAY_RULES: dict[Kind, dict[str, ArrayRule]] = {
+    Kind.COUNTS: {"counts": ArrayRule(ndim=1)},
+    Kind.PREVIEW: {"image": _IMAGE},
+    Kind.REFINE_REQUEST: {
+        "image": _IMAGE,
+        "clip_vision": _EMBEDDING,
+        "clip_text": ArrayRule(ndim=2, dtypes=FLOAT_DTYPES, required=False),
+    },
+    Kind.REFINED: {"image": _IMAGE},
+    Kind.STATUS: {},
+    Kind.END_OF_STREAM: {},
+}
+
+STREAM_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+_INT63 = 2 ** 63
+
+# Header keys on the wire (short: the header travels with every bin).
+_HEADER_KEYS = ("v", "kind", "stream", "seq", "bin", "t0", "t1", "stamps", "wall_ns", "meta", "arrays")
+
+
+def monotonic_ns() -> int:
+    """The clock for per-stage stamps (comparable only on one host)."""
+    return time.monotonic_ns()
+
+
+@dataclass
+class Message:
+    """One protocol message.
+
+    `stamps` maps a stage name (e.g. "replay_send", "decoder_recv") to `time.monotonic_ns()`
+    on the host that took it; `wall_ns` is `time.time_ns()` at creation, for cross-host
+    comparisons. `arrays` travel as raw payload frames, in insertion order. Decoded arrays
+    are read-only views of the received frames (no copy); call `.copy()` to modify one.
+    """
+
+    kind: Kind
+    stream: str = "main"
+    seq: int = 0
+    bin_index: int = -1
+    t_start: float = 0.0
+    t_stop: float = 0.0
+    stamps: dict[str, int] = field(default_factory=dict)
+    wall_ns: int = field(default_factory=time.time_ns)
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def topic(self) -> bytes:
+        return topic_for(self.kind, self.stream)
+
+    def stamp(self, stage: str) -> int:
+        """Record `monotonic_ns()` under `stage` and return it."""
+        now = monotonic_ns()
+        self.stamps[stage] = now
+        return now
+
+
+@lru_cache(maxsize=4096)
+def topic_for(kind: Kind | str, stream: str = "") -> bytes:
+    """The topic frame: `b"<kind>/<stream>"`; with no stream, the prefix for all of a kind."""
+    return f"{Kind(kind).value}/{stream}".encode("ascii")
+
+
+# ---------------------------------------------------------------- encode
+
+
+@lru_cache(maxsize=4096)
+def _valid_stream(stream: str) -> bool:
+    return STREAM_RE.match(stream) is not None
+
+
+@lru_cache(maxsize=4096)
+def _valid_name(name: str) -> bool:
+    return NAME_RE.match(name) is not None
+
+
+def _check_stream(stream) -> None:
+    if type(stream) is not str or not _valid_stream(stream):
+        raise WireError("field_value", f"bad stream id {stream!r}")
+
+
+def _to_wire_array(name: str, array: np.ndarray, limits: Limits) -> tuple[dict, memoryview]:
+    if type(array) is not np.ndarray or not array.flags.c_contiguous or array.dtype.byteorder == ">":
+        array = np.ascontiguousarray(array)  # copies only what is not already wire-ready
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+    dtype = array.dtype.str
+    if dtype not in limits.dtypes:
+        raise WireError("dtype", f"array '{name}' has dtype {array.dtype} (not on the wire whitelist)")
+    if array.ndim > limits.max_ndim:
+        raise WireError("shape", f"array '{name}' has {array.ndim} dimensions (max {limits.max_ndim})")
+    if array.nbytes > limits.max_payload_bytes:
+        raise WireError("payload_size", f"array '{name}' is {array.nbytes} bytes "
+                                        f"(max {limits.max_payload_bytes})")
+    buffer = memoryview(array).cast("B") if array.size else memoryview(b"")
+    return {"name": name, "dtype": dtype, "shape": list(array.shape)}, buffer
+
+
+def _pack_default(obj):
+    # numpy scalars in meta become plain Python values; anything else is refused (no ext types).
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot put {type(obj).__name__} on the wire")
+
+
+def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list:
+    """Frames for `msg`: `[topic, header, payload...]`; payloads are zero-copy memoryviews.
+
+    Checks what the sender controls (names, dtypes, sizes, field types); finiteness is left to
+    the receiver, which must check it anyway.
+    """
+    kind = msg.kind if type(msg.kind) is Kind else Kind(msg.kind)
+    _check_stream(msg.stream)
+    specs, buffers = [], []
+    for name, array in msg.arrays.items():
+        if type(name) is not str or not _valid_name(name):
+            raise WireError("array_spec", f"bad array name {name!r}")
+        spec, buffer = _to_wire_array(name, array, limits)
+        specs.append(spec)
+        buffers.append(buffer)
+    if len(buffers) + 2 > limits.max_frames:
+        raise WireError("frames", f"{len(buffers)} arrays (max {limits.max_frames - 2})")
+    header = {
+        "v": SCHEMA_VERSION,
+        "kind": kind.value,
+        "stream": msg.stream,
+        "seq": int(msg.seq),
+        "bin": int(msg.bin_index),
+        "t0": float(msg.t_start),
+        "t1": float(msg.t_stop),
+        "stamps": {str(k): int(v) for k, v in msg.stamps.items()},
+        "wall_ns": int(msg.wall_ns),
+        "meta": msg.meta,
+        "arrays": specs,
+    }
+    try:
+        packed = _PACKER(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError("field_type", str(exc)) from None
+    if len(packed) > limits.max_header_bytes:
+        raise WireError("header_size", f"{len(packed)} bytes (max {limits.max_header_bytes})")
+    return [topic_for(kind, msg.stream), packed, *buffers]
+
+
+_PACKER = msgpack.Packer(use_bin_type=True, default=_pack_default, autoreset=True).pack
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _refuse_ext(code, data):
+    raise WireError("malformed", f"msgpack ext type {code} not allowed")
+
+
+def _parse_header(raw: memoryview, limits: Limits) -> dict:
+    """The header map: well-formed msgpack, our version, exactly the known keys."""
+    if len(raw) > limits.max_header_bytes:
+        raise WireError("header_size", f"{len(raw)} bytes (max {limits.max_header_bytes})")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
+                                 ext_hook=_refuse_ext, timestamp=0)
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack raises several types for garbage; all mean the same here
+        raise WireError("malformed", f"header is not a msgpack map ({type(exc).__name__})") from None
+    if type(header) is not dict:
+        raise WireError("malformed", "header is not a msgpack map")
+    version = header.get("v")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        if version is None:
+            raise WireError("missing_field", "'v'")
+        raise WireError("version", f"schema version {version!r} (expected {SCHEMA_VERSION})")
+    if len(header) != len(_HEADER_KEYS) or not _HEADER_KEY_SET.issuperset(header):
+        missing = [k for k in _HEADER_KEYS if k not in header]
+        if missing:
+            raise WireError("missing_field", ", ".join(repr(k) for k in missing))
+        unknown = [k for k in header if k not in _HEADER_KEY_SET]
+        raise WireError("unknown_field", ", ".join(repr(k) for k in unknown[:4]))
+    return header
+
+
+_HEADER_KEY_SET = frozenset(_HEADER_KEYS)
+_NP_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+_KIND_BY_VALUE = {k.value: k for k in Kind}
+
+
+def _int_field(header: dict, key: str, low: int) -> int:
+    value = header[key]
+    if type(value) is not int:  # bool is an int subclass: refused too
+        raise WireError("field_type", f"'{key}' must be an integer")
+    if not low <= value < _INT63:
+        raise WireError("field_value", f"'{key}'={value} out of range")
+    return value
+
+
+def _time_field(header: dict, key: str) -> float:
+    value = header[key]
+    if type(value) is not float and type(value) is not int:
+        raise WireError("field_type", f"'{key}' must be a number")
+    if not math.isfinite(value):
+        raise WireError("nonfinite", f"'{key}' is not finite")
+    return float(value)
+
+
+def _check_stamps(stamps, limits: Limits) -> None:
+    if type(stamps) is not dict or len(stamps) > limits.max_stamps:
+        raise WireError("field_type", "'stamps' must be a small map")
+    for stage, value in stamps.items():
+        if not _valid_name(stage) or type(value) is not int or not 0 <= value < _INT63:
+            raise WireError("field_value", f"bad stamp {stage!r}")
+
+
+def _check_meta(value, limits: Limits, depth: int = 0) -> None:
+    """Meta holds small JSON-like values: str, int, finite float, bool, None, lists, str-keyed maps."""
+    if depth > limits.max_meta_depth:
+        raise WireError("field_value", "meta nested too deeply")
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise WireError("nonfinite", "meta holds a non-finite number")
+        return
+    if isinstance(value, (list, dict)) and len(value) > limits.max_meta_items:
+        raise WireError("field_value", "meta holds too many items")
+    if isinstance(value, list):
+        for item in value:
+            _check_meta(item, limits, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError("field_type", "meta keys must be strings")
+            _check_meta(item, limits, depth + 1)
+        return
+    raise WireError("field_type", f"meta holds a {type(value).__name__}")
+
+
+def _parse_array(spec, frame: memoryview, limits: Limits, rules: dict) -> tuple[str, np.ndarray]:
+    """(name, read-only array view of `frame`) after checking the spec against the frame."""
+    if type(spec) is not dict or len(spec) != 3:
+        raise WireError("array_spec", "array spec must be a map of name, dtype, shape")
+    try:
+        name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
+    except KeyError:
+        raise WireError("array_spec", "array spec must be a map of name, dtype, shape") from None
+    if type(name) is not str or not _valid_name(name):
+        raise WireError("array_spec", f"bad array name {name!r}")
+    if type(dtype) is not str or dtype not in limits.dtypes:
+        raise WireError("dtype", f"array '{name}' dtype {dtype!r} not allowed")
+    if type(shape) is not list or len(shape) > limits.max_ndim:
+        raise WireError("shape", f"array '{name}' has a bad shape {shape!r}")
+    count = 1
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise WireError("shape", f"array '{name}' has a bad shape {shape!r}")
+        count *= n
+    nbytes = len(frame)
+    if nbytes > limits.max_payload_bytes:
+        raise WireError("payload_size", f"array '{name}' is {nbytes} bytes "
+                                        f"(max {limits.max_payload_bytes})")
+    np_dtype = _NP_DTYPES.get(dtype) or np.dtype(dtype)
+    expected = np_dtype.itemsize * count
+    if expected != nbytes:
+        raise WireError("shape", f"array '{name}' shape {shape} needs {expected} bytes, "
+                                 f"frame has {nbytes}")
+    rule = rules.get(name)
+    if rule is not None:
+        if len(shape) != rule.ndim or (rule.last_dim is not None and shape[-1] != rule.last_dim):
+            raise WireError("shape", f"array '{name}' shape {shape} does not fit its kind")
+        if rule.dtypes is not None and dtype not in rule.dtypes:
+            raise WireError("dtype", f"array '{name}' dtype {dtype} does not fit its kind")
+    array = np.frombuffer(frame, dtype=np_dtype).reshape(shape)
+    if array.flags.writeable:
+        array.flags.writeable = False  # a view of the received frame: never edited in place
+    if dtype in FLOAT_DTYPES and nbytes and not np.isfinite(array).all():
+        raise WireError("nonfinite", f"array '{name}' holds NaN or inf")
+    return name, array
+
+
+def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The `Message` in `frames` (bytes or zmq.Frame), or `WireError` saying why not."""
+    if not 2 <= len(frames) <= limits.max_frames:
+        raise WireError("frames", f"{len(frames)} frames (expected 2..{limits.max_frames})")
+    views = [memoryview(f) for f in frames]
+    if len(views[0]) > limits.max_topic_bytes:
+        raise WireError("topic", "topic too long")
+    header = _parse_header(views[1], limits)
+
+    kind_value = header["kind"]
+    kind = _KIND_BY_VALUE.get(kind_value) if type(kind_value) is str else None
+    if kind is None:
+        raise WireError("kind", f"unknown kind {kind_value!r}")
+    stream = header["stream"]
+    _check_stream(stream)
+    if views[0] != topic_for(kind, stream):
+        raise WireError("topic", "topic does not match kind and stream")
+    seq = _int_field(header, "seq", 0)
+    bin_index = _int_field(header, "bin", -1)
+    wall_ns = _int_field(header, "wall_ns", 0)
+    t_start, t_stop = _time_field(header, "t0"), _time_field(header, "t1")
+    if t_stop < t_start:
+        raise WireError("field_value", "t1 before t0")
+    stamps = header["stamps"]
+    _check_stamps(stamps, limits)
+    meta = header["meta"]
+    if type(meta) is not dict:
+        raise WireError("field_type", "'meta' must be a map")
+    if meta:
+        _check_meta(meta, limits)
+    if kind is Kind.STATUS and type(meta.get("state")) is not str:
+        raise WireError("missing_field", "status message without meta['state']")
+
+    specs = header["arrays"]
+    if type(specs) is not list:
+        raise WireError("field_type", "'arrays' must be a list")
+    if len(specs) != len(views) - 2:
+        raise WireError("frames", f"header lists {len(specs)} arrays, message has {len(views) - 2}")
+    rules = ARRAY_RULES[kind]
+    arrays: dict[str, np.ndarray] = {}
+    for spec, frame in zip(specs, views[2:]):
+        name, array = _parse_array(spec, frame, limits, rules)
+        if name in arrays:
+            raise WireError("array_spec", f"array '{name}' listed twice")
+        arrays[name] = array
+    if len(arrays) < len(rules) or not all(n in arrays for n in rules):
+        absent = [n for n, rule in rules.items() if rule.required and n not in arrays]
+        if absent:
+            raise WireError("missing_array", f"{kind.value} needs {', '.join(absent)}")
+
+    return Message(kind=kind, stream=stream, seq=seq, bin_index=bin_index, t_start=t_start,
+                   t_stop=t_stop, stamps=stamps, wall_ns=wall_ns, meta=meta, arrays=arrays)
