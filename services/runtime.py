@@ -1,0 +1,103 @@
+"""What every live service shares: thread budget, signals, sockets, and status reports.
+
+A service is a small loop over its sockets. `ServiceRuntime` gives it:
+- its CPU budget (torch and BLAS threads from the config, so decoder and refiner do not fight
+  over the same cores on a small machine);
+- a stop flag set by SIGINT/SIGTERM (the loop checks `runtime.running`; a second signal
+  interrupts at once);
+- a `Network` (CURVE when the config names a keys folder);
+- status reports on the control lane: a PUSH to the launcher's PULL (`endpoints.control`).
+  Each report is a STATUS message whose meta is
+  `{"service", "instance", "pid", "state", "stats", "error"}`, with state one of
+  starting / ready / running / stopping / stopped / error. Sends never block: with no launcher
+  listening (a service run alone by `serve`), reports are dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from spikevaediff.core.wire import Kind, Message, encode
+
+from .settings import ServiceConfig
+
+STATES = ("starting", "ready", "running", "stopping", "stopped", "error")
+
+
+def limit_threads(n: int) -> None:
+    """Cap torch and BLAS threads of this process at n."""
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class ServiceRuntime:
+    def __init__(self, name: str, config: ServiceConfig, instance: int = 0):
+        from .transport import CurveConfig, Endpoint, Network
+
+        self.name = name
+        self.instance = instance
+        self.config = config
+        self.log = logging.getLogger(f"spikevaediff.{name}" + (f".{instance}" if instance else ""))
+        limit_threads(config.threads.get(name, 1))
+        self._signals = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        curve = CurveConfig.from_config({"keys_dir": config.curve_dir, "identity": name}) if config.curve_dir else None
+        self.net = Network(curve=curve)
+        self._control = self.net.socket(zmq.PUSH, Endpoint(config.endpoints.control),
+                                        {zmq.SNDHWM: 100, zmq.LINGER: 500, zmq.IMMEDIATE: 1})
+        self._seq = 0
+        self._last_heartbeat = 0.0
+
+    # -- stopping ---------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._signals += 1
+        if self._signals > 1:
+            raise KeyboardInterrupt
+        self.log.info("signal %d: stopping", signum)
+
+    @property
+    def running(self) -> bool:
+        return self._signals == 0
+
+    def request_stop(self) -> None:
+        self._signals = max(self._signals, 1)
+
+    # -- status -----------------------------------------------------------------------------
+    def report(self, state: str, stats: dict | None = None, error: str = "") -> None:
+        """Send one STATUS to the launcher (dropped if nobody listens)."""
+        assert state in STATES, state
+        msg = Message(kind=Kind.STATUS, stream=self.name, seq=self._seq,
+                      meta={"service": self.name, "instance": self.instance, "pid": os.getpid(),
+                            "state": state, "stats": stats or {}, "error": error})
+        self._seq += 1
+        msg.stamp(f"{self.name}_status")
+        try:
+            self._control.send_multipart(encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+
+    def heartbeat(self, stats_fn) -> None:
+        """A `running` report with fresh stats every `heartbeat_s` (cheap to call every loop)."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.config.heartbeat_s:
+            self._last_heartbeat = now
+            self.report("running", stats_fn())
+
+    def close(self) -> None:
+        self.net.close()
