@@ -72,3 +72,44 @@ def test_pooled_sessions_concatenate_units_aligned_by_frame(small_session, tmp_p
     single = load_population([small_session], "natural_movie_one", areas=["VISp"])
     assert single.counts.shape[0] == len(single.frames)
     assert np.all(np.diff(single.frames[single.repeats == 0]) == 1)
+
+
+def test_two_sessions_pool_into_one_pseudo_population(small_session, tiny_weights, tmp_path):
+    """`train S1 S2`: units of both sessions side by side, aligned by (frame, repeat)."""
+    from spikevaediff.replay.simulate import simulate_session
+    from spikevaediff.training.population import load_population
+    from tests.conftest import small_session_config
+    from dataclasses import replace
+
+    other = tmp_path / "other.nwb"
+    simulate_session(other, replace(small_session_config(), seed=8))  # other mouse, same movie
+    one = load_population([small_session], "natural_movie_one", areas=["VISp"])
+    two = load_population([other], "natural_movie_one", areas=["VISp"])
+    pooled = load_population([small_session, other], "natural_movie_one", areas=["VISp"])
+    assert pooled.n_units == one.n_units + two.n_units
+    assert {s for s, _ in pooled.unit_keys} == {one.unit_keys[0][0], two.unit_keys[0][0]}
+    # each pooled row holds session 1's and session 2's counts for the same frame and repeat
+    row = np.flatnonzero((pooled.frames == 17) & (pooled.repeats == 1))[0]
+    r1 = np.flatnonzero((one.frames == 17) & (one.repeats == 1))[0]
+    r2 = np.flatnonzero((two.frames == 17) & (two.repeats == 1))[0]
+    assert np.array_equal(pooled.counts[row], np.concatenate([one.counts[r1], two.counts[r2]]))
+
+    out = tmp_path / "pooled-bundle"
+    assert main(["train", str(small_session), str(other), "--movie", "natural_movie_one", "--areas", "VISp",
+                 "--weights", str(tiny_weights), "--targets", "vdvae", "--out", str(out)]) == 0
+    manifest = load_bundle(out).manifest
+    assert len(manifest.sessions) == 2 and len(manifest.units) == pooled.n_units
+
+
+@pytest.mark.slow
+def test_ablate_writes_table_and_figure_per_area(small_session, tiny_weights, tmp_path):
+    out = tmp_path / "ablate"
+    assert main(["ablate", str(small_session), "--movie", "natural_movie_one", "--areas", "VISp", "VISl",
+                 "--weights", str(tiny_weights), "--out", str(out), "--test-repeats", "1"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    conditions = [r["condition"] for r in rows]
+    assert conditions[:3] == ["VISp", "VISl", "all"] and len(rows) == 5  # + two equal-unit rows
+    equal = [r for r in rows if "units)" in r["condition"]]
+    assert len({r["n_units"] for r in equal}) == 1
+    assert rows[2]["n_units"] == rows[0]["n_units"] + rows[1]["n_units"]
+    assert (out / "ablation.png").stat().st_size > 1000 and "| all |" in (out / "table.md").read_text()
