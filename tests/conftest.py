@@ -113,8 +113,8 @@ def minimal_nwb(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory, small_session):
-    """A tiny-profile weights folder: offline CLIP, BLIP-2, Versatile Diffusion, and a VDVAE
-    trained for a few steps on the small session's natural_movie_three (fast, not good)."""
+    """A tiny-profile weights folder: offline CLIP, BLIP-2, Versatile Diffusion, and a VDVAE and a
+    plain VAE trained for a few steps on the small session's natural_movie_three (fast, not good)."""
     from spikevaediff.core.config import ModelProfile
     from spikevaediff.core.tiny import ensure_tiny_weights
     from spikevaediff.training.train_vdvae import TrainVDVAEConfig, load_frames, train_vdvae
@@ -124,6 +124,8 @@ def tiny_weights(tmp_path_factory, small_session):
     ensure_tiny_weights(profile, keys=("clip", "blip2", "versatile_diffusion"))
     frames = load_frames(small_session, "natural_movie_three")
     train_vdvae(TrainVDVAEConfig(out=profile.path("vdvae").parent, max_steps=20, minutes=1.0,
+                                 batch_size=8, progress=False, max_eval=16), frames)
+    train_vdvae(TrainVDVAEConfig(out=profile.path("vae").parent, arch="vae", max_steps=20, minutes=1.0,
                                  batch_size=8, progress=False, max_eval=16), frames)
     return weights
 

@@ -113,3 +113,15 @@ def test_ablate_writes_table_and_figure_per_area(small_session, tiny_weights, tm
     assert len({r["n_units"] for r in equal}) == 1
     assert rows[2]["n_units"] == rows[0]["n_units"] + rows[1]["n_units"]
     assert (out / "ablation.png").stat().st_size > 1000 and "| all |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablate_compares_plain_vae_and_vdvae_previews(small_session, tiny_weights, tmp_path):
+    out = tmp_path / "stage1"
+    assert main(["ablate", str(small_session), "--movie", "natural_movie_one", "--areas", "VISl",
+                 "--stage1", "vdvae", "vae", "--no-equal-units", "--weights", str(tiny_weights),
+                 "--out", str(out), "--test-repeats", "1"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["stage1"], r["condition"]) for r in rows} == {
+        ("vdvae", "VISl"), ("vdvae", "all"), ("vae", "VISl"), ("vae", "all")}
+    assert (out / "stage1_previews.png").stat().st_size > 1000

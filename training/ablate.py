@@ -3,7 +3,8 @@
 For each area alone and all areas together, train and evaluate a bundle; because areas have
 different unit counts, also at an equal number of units per area (randomly subsampled, seeded).
 With several stage-1 models (`--stage1 vdvae vae`), every condition is run for each, so plain-VAE
-and VDVAE previews can be compared side by side (the seed's figure 7).
+and VDVAE previews can be compared side by side, in metrics and in `stage1_previews.png` (the
+seed's figure 7).
 """
 from __future__ import annotations
 
@@ -61,7 +62,49 @@ def ablate(base: TrainConfig, out: Path, areas=AREAS, stage1s=("vdvae",), equal_
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     write_table(out / "table.md", rows)
     plot_ablation(out / "ablation.png", rows)
+    if len(stage1s) > 1:
+        bundles = {s: out / "bundles" / f"{s}-all" for s in stage1s}
+        compare_stage1_previews(out / "stage1_previews.png", bundles, base.sessions, base.profile.weights_dir, seed)
     return rows
+
+
+def compare_stage1_previews(path: Path, bundles: dict, sessions, weights_dir, seed: int = 0, n: int = 6) -> None:
+    """Ground truth beside each stage-1 model's single-trial previews of the same test presentations
+    (the seed paper's figure 7: plain VAE vs VDVAE)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spikevaediff.core.bundle import load_bundle
+    from spikevaediff.core.config import ModelProfile
+    from spikevaediff.training import dataset
+    from spikevaediff.training.evaluate import bundle_population, bundle_split, decode
+    from spikevaediff.training.fit import STAGE1_SIZE, load_stage1
+    from spikevaediff.training.population import movie_frames
+
+    columns, truth = {}, None
+    for name, bundle_dir in bundles.items():
+        bundle = load_bundle(bundle_dir)
+        m = bundle.manifest
+        pop = bundle_population(bundle, sessions)
+        test = np.flatnonzero(bundle_split(bundle, pop).test)
+        picks = test[np.linspace(0, len(test) - 1, n).astype(int)]
+        model, _ = load_stage1(ModelProfile(m.profile, weights_dir), m.models["stage1"]["arch"])
+        columns[name] = decode(bundle, model, pop.counts[picks], seed).previews
+        if truth is None:
+            truth = dataset.square_frames(movie_frames(sessions, m.movie), STAGE1_SIZE)[pop.frames[picks]]
+    names = ["ground truth"] + list(columns)
+    fig, axes = plt.subplots(n, len(names), figsize=(2.1 * len(names), 2.1 * n), squeeze=False)
+    for i in range(n):
+        for j, name in enumerate(names):
+            image = truth[i] if j == 0 else columns[name][i]
+            axes[i, j].imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+            axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(name if j == 0 else f"{name} preview", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_table(path: Path, rows: list[dict]) -> None:

@@ -50,6 +50,10 @@ def write_markdown(path: Path, report: dict) -> None:
               "## Gallery: best, median and worst previews by PixCorr", "", "![gallery](gallery.png)", ""]
     if report.get("refined"):
         lines.append(f"Refined column: Versatile Diffusion image-to-image, {report['refined']['steps']} steps.")
+        if report["profile"] == "tiny":
+            lines.append("With the `tiny` profile Versatile Diffusion has random weights (no image prior), so "
+                         "the refined column shows the pipeline running, not a refinement; the `paper` "
+                         "profile's published weights give the real one.")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
