@@ -17,13 +17,15 @@ SERVICES = ("replay", "decoder", "refiner", "recorder")
 
 @dataclass
 class Endpoints:
-    """Where each lane lives. `bind` side first; peers connect to the same address.
+    """Where each lane lives (addresses; the side that binds is fixed per lane).
 
-    counts:   replay PUB  -> decoder, recorder SUB       (lossless, ordered)
-    sync:     replay ROUTER <- subscribers' hello        (no slow-joiner loss)
-    preview:  decoder PUB -> recorder SUB (previews, refined images, status)
-    work:     decoder ROUTER <-> refiner DEALERs         (latest-wins refine requests)
-    control:  launcher PULL <- every service's status    (ready / stats / stopped)
+    counts:   replay XPUB binds -> decoder, recorder SUB connect (lossless, ordered; the
+              hello handshake rides on this socket's subscriptions)
+    sync:     reserved (unused: the handshake needs no socket of its own)
+    preview:  decoder XPUB binds -> recorder, monitors, refiners (end of stream) connect (latest)
+    work:     decoder ROUTER binds <-> refiner DEALERs connect (newest request to a free refiner)
+    control:  launcher PULL binds <- every service's STATUS PUSH
+    refined:  refiner XPUB binds -> recorder connects; instance k binds `instance_address(refined, k)`
     """
 
     counts: str = "tcp://127.0.0.1:5601"
@@ -31,6 +33,20 @@ class Endpoints:
     preview: str = "tcp://127.0.0.1:5603"
     work: str = "tcp://127.0.0.1:5604"
     control: str = "tcp://127.0.0.1:5605"
+    refined: str = "tcp://127.0.0.1:5606"
+
+
+def instance_address(address: str, instance: int) -> str:
+    """The address of service instance k: tcp port + k, or `<name>-k.<ext>` for ipc (k=0 unchanged)."""
+    if instance == 0:
+        return address
+    if address.startswith("tcp://"):
+        host, _, port = address.rpartition(":")
+        return f"{host}:{int(port) + instance}"
+    stem, dot, suffix = address.rpartition(".")
+    if dot and "/" not in suffix:
+        return f"{stem}-{instance}.{suffix}"
+    return f"{address}-{instance}"
 
 
 @dataclass
@@ -45,6 +61,7 @@ class RefinerSettings:
     skip_similarity: float = 0.0        # >0: skip a request whose embeddings have cosine >= this to the last refined
     seed: int = 0
     device: str = "cpu"
+    nice: int = 10                      # CPU refiners run at lower priority than the decoder (0: off)
 
 
 @dataclass
@@ -58,6 +75,7 @@ class ServiceConfig:
     duration: float = 30.0              # seconds of neural time to stream (0 = the whole movie once)
     loop: bool = False
     subscribers: list = field(default_factory=lambda: ["decoder", "recorder"])
+    subscriber_timeout_s: float = 30.0  # replay: how long to wait for every subscriber's hello
     endpoints: Endpoints = field(default_factory=Endpoints)
     refiner: RefinerSettings = field(default_factory=RefinerSettings)
     n_refiners: int = 1
@@ -65,6 +83,7 @@ class ServiceConfig:
     curve_dir: str = ""                 # folder of CURVE keys: enables encryption/authentication on tcp
     heartbeat_s: float = 1.0
     preview_seed: int = 0
+    decoder_catch_up: bool = True       # under overload decode only the newest queued bin (skips counted)
 
     def validate(self) -> "ServiceConfig":
         if self.speed <= 0:
@@ -73,6 +92,10 @@ class ServiceConfig:
             raise UserError(f"duration must be >= 0, got {self.duration}")
         if self.start_frame < 0:
             raise UserError(f"start frame must be >= 0, got {self.start_frame}")
+        if self.subscriber_timeout_s <= 0:
+            raise UserError(f"subscriber_timeout_s must be > 0, got {self.subscriber_timeout_s}")
+        if not 0 <= self.refiner.skip_similarity <= 1:
+            raise UserError(f"refiner skip_similarity must be in [0, 1], got {self.refiner.skip_similarity}")
         if self.n_refiners < 0:
             raise UserError("n_refiners must be >= 0")
         if not 0 < self.refiner.strength <= 1:
@@ -86,6 +109,10 @@ class ServiceConfig:
         if unknown:
             raise UserError(f"unknown service(s) in threads: {', '.join(sorted(unknown))}")
         return self
+
+    def refined_address(self, instance: int = 0) -> str:
+        """Where refiner instance `instance` publishes its refined images."""
+        return instance_address(self.endpoints.refined, instance)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

@@ -162,6 +162,7 @@ def test_decoder_drops_bad_counts_and_keeps_decoding(trained_bundle, run_factory
     """Malformed msgpack, a wrong schema version, an oversized payload, NaN counts and a
     wrong-length vector are each dropped, counted and logged; good bins around them decode."""
     cfg = make_config(trained_bundle, n_refiners=0)
+    cfg.decoder_catch_up = False  # this test bursts messages and checks each good bin is decoded
     run = run_factory(cfg)
     pub = Publisher(run.net, Endpoint(cfg.endpoints.counts, bind=True), lane=LOSSLESS)
     previews = Receiver(run.net, Endpoint(cfg.endpoints.preview), lane=LATEST, conflate=False,
@@ -209,6 +210,34 @@ def test_decoder_drops_bad_counts_and_keeps_decoding(trained_bundle, run_factory
     for reason in ("malformed", "version", "payload_size", "nonfinite"):
         assert f"dropped a bad message ({reason}" in log
     assert "wrong unit layout" in log
+
+
+def test_decoder_catches_up_on_a_burst_by_decoding_the_newest_bin(trained_bundle, run_factory):
+    """Bins that queued up while the decoder was busy are received (lossless lane) but only the
+    newest is decoded; the skipped ones are counted, so latency cannot grow with a backlog."""
+    cfg = make_config(trained_bundle, n_refiners=0)
+    run = run_factory(cfg)
+    pub = Publisher(run.net, Endpoint(cfg.endpoints.counts, bind=True), lane=LOSSLESS)
+    previews = Receiver(run.net, Endpoint(cfg.endpoints.preview), lane=LATEST, conflate=False,
+                        topics=[Kind.PREVIEW, Kind.END_OF_STREAM])
+    run.start("decoder")
+    n_values = run.wait_ready("decoder")["stats"]["values_expected"]
+    pub.wait_for_subscribers(["decoder"], timeout_s=30)
+    time.sleep(0.5)
+    counts = np.ones(n_values, np.float32)
+    for s in range(40):  # far faster than one decode per bin
+        pub.send(Message(Kind.COUNTS, "s1", seq=s, bin_index=s, arrays={"counts": counts}))
+    pub.send(Message(Kind.END_OF_STREAM, "s1"))
+    got: dict = {}
+    codes = run.wait_exit(timeout_s=60, pump=lambda: _collect({"preview": previews}, got))
+    _collect({"preview": previews}, got)
+    assert codes == {"decoder": 0}, run.tail()
+    stats = run.final("decoder")
+    assert stats["counts"]["received"] >= 40 and stats["counts"]["gaps"] == 0
+    assert stats["stale_skipped"] > 0
+    assert stats["bins_decoded"] + stats["stale_skipped"] == 40
+    decoded = [m.bin_index for m in _kind(got["preview"], Kind.PREVIEW)]
+    assert decoded[-1] == 39 and decoded == sorted(decoded)
 
 
 def test_decoder_killed_and_restarted_mid_stream_resumes_and_reports_the_gap(trained_bundle, run_factory):
