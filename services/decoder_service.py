@@ -37,6 +37,9 @@ from .settings import ServiceConfig
 _LOG_EVERY = 100
 
 
+PREVIEW_SEND_QUEUE = 64  # 64 x 12 KB previews
+
+
 class Decoder:
     """The decoder's models, sockets and counters; `step()` handles what arrived."""
 
@@ -69,7 +72,10 @@ class Decoder:
         net = runtime.net
         self.counts = Receiver(net, Endpoint(config.endpoints.counts, peer=peer),
                                topics=[Kind.COUNTS, Kind.END_OF_STREAM], lane=LOSSLESS, name="decoder")
-        self.previews = Publisher(net, Endpoint(config.endpoints.preview, bind=True), lane=LATEST)
+        # A send queue deep enough that a recorder keeping up gets every preview; a conflating
+        # monitor still sees only the newest (latest-wins is on its side).
+        self.previews = Publisher(net, Endpoint(config.endpoints.preview, bind=True), lane=LATEST,
+                                  hwm=PREVIEW_SEND_QUEUE)
         self.work = WorkDispatcher(net, Endpoint(config.endpoints.work, bind=True))
         self.latency_ms = RecentSamples()
         self.preview_seq = 0

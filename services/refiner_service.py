@@ -97,7 +97,7 @@ class RefinerWorker:
         self.stop_watch = Receiver(net, Endpoint(config.endpoints.preview, peer=peer),
                                    topics=[Kind.END_OF_STREAM], lane=LATEST, conflate=False)
         self.address = config.refined_address(instance)
-        self.publisher = Publisher(net, Endpoint(self.address, bind=True), lane=LATEST)
+        self.publisher = Publisher(net, Endpoint(self.address, bind=True), lane=LATEST, hwm=8)  # 8 x 786 KB
         self.stream = f"refiner-{instance}"
         self.refine_ms = RecentSamples()
         self.counters = {"requests": 0, "refined": 0, "skipped": 0, "unexpected": 0}

@@ -59,7 +59,9 @@ class ServiceRuntime:
             signal.signal(sig, self._on_signal)
         curve = CurveConfig.from_config({"keys_dir": config.curve_dir, "identity": name}) if config.curve_dir else None
         self.net = Network(curve=curve)
-        self._control = self.net.socket(zmq.PUSH, Endpoint(config.endpoints.control),
+        # With CURVE every connecting socket names the server it trusts: the launcher.
+        control = Endpoint(config.endpoints.control, peer="launcher" if config.curve_dir else None)
+        self._control = self.net.socket(zmq.PUSH, control,
                                         {zmq.SNDHWM: 100, zmq.LINGER: 500, zmq.IMMEDIATE: 1})
         self._seq = 0
         self._last_heartbeat = 0.0

@@ -56,6 +56,20 @@ def test_run_bad_options_are_one_line(tmp_path, small_session, trained_bundle):
         assert "Traceback" not in result.stderr and expected in result.stderr, (extra, result.stderr)
 
 
+@pytest.mark.timeout(120)
+def test_ready_timeout_stops_everything_with_one_line(tmp_path, small_session, trained_bundle):
+    out = tmp_path / "run"
+    result = _cli("run", "--session", small_session, "--bundle", trained_bundle, "--out", out,
+                  "--refiners", 0, "--ready-timeout", 0.2, timeout=100)
+    assert result.returncode == 2, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "did not report ready within 0.2 s" in errors[0]
+    assert "Traceback" not in result.stderr
+    outcome = json.loads((out / "outcome.json").read_text())
+    assert outcome["reason"] == "failed" and "replay" not in outcome["services"]
+    assert not [info["pid"] for info in outcome["services"].values() if _pid_alive(info["pid"])]
+
+
 def test_serve_bad_configs_are_one_line(tmp_path):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
@@ -109,7 +123,7 @@ def test_deploy_configs_load_and_compose_is_wired():
 def test_run_end_to_end_writes_report(tmp_path, small_session, trained_bundle):
     out = tmp_path / "run"
     result = _cli("run", "--session", small_session, "--bundle", trained_bundle, "--out", out,
-                  "--speed", 2, "--duration", 3, "--refiners", 1, "--refiner-steps", 2,
+                  "--speed", 1, "--duration", 3, "--refiners", 1, "--refiner-steps", 2,
                   "--transport", "ipc", timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
@@ -117,15 +131,20 @@ def test_run_end_to_end_writes_report(tmp_path, small_session, trained_bundle):
     n_bins = report["counts"]["recorded"]
     assert 85 <= n_bins <= 95  # 3 s of a 30 Hz movie
     assert report["counts"]["lane"]["gaps"] == 0 and report["counts"]["file_seq"]["gaps"] == 0
-    assert report["preview"]["recorded"] == n_bins  # the recorder queues every preview
+    # every bin is previewed or skipped by the decoder to catch up; every preview sent is
+    # recorded or counted as lost on the latest lane
+    preview = report["preview"]
+    assert preview["sent"] + (preview["decoder_skipped"] or 0) == n_bins
+    assert preview["recorded"] >= n_bins // 2
+    assert preview["recorded"] + preview["lane"]["missing"] <= n_bins
     for hop in ("transport", "decode", "preview_end_to_end"):
         stats = report["latency_ms"][hop]
-        assert stats["n"] == n_bins and 0 <= stats["p50"] <= stats["p99"] <= stats["max"]
+        assert stats["n"] == preview["recorded"] and 0 <= stats["p50"] <= stats["p99"] <= stats["max"]
     refined = report["refined"]["recorded"]
     assert refined >= 1 and report["latency_ms"]["refine"]["n"] == refined
     assert report["refined"]["by_stream"] == {"refiner-0": refined}
-    assert report["throughput_hz"]["expected"] == pytest.approx(60, rel=0.02)
-    assert report["throughput_hz"]["counts"] == pytest.approx(60, rel=0.2)
+    assert report["throughput_hz"]["expected"] == pytest.approx(30, rel=0.02)
+    assert report["throughput_hz"]["counts"] == pytest.approx(30, rel=0.2)
     assert report["pacing_error_ms"]["n"] > 0
     for label in ("replay", "decoder", "recorder", "refiner-0"):
         assert report["services"][label]["state"] == "stopped", report["services"]
@@ -174,3 +193,20 @@ def test_ctrl_c_stops_every_process_and_keeps_the_recording(tmp_path, small_sess
     np.testing.assert_array_equal(rec["counts"]["seq"], np.arange(rec["counts"]["n"]))
     assert (rec["preview"]["bin"] == np.sort(rec["preview"]["bin"])).all()
     assert json.loads((out / "report.json").read_text())["reason"] == "interrupted"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_with_curve_encrypts_every_lane_and_loses_nothing(tmp_path, small_session, trained_bundle):
+    """The multi-host setup on one machine: every socket CURVE-secured, keys from `keys`."""
+    keys = tmp_path / "keys"
+    assert _cli("keys", "--out", keys, "--identities", "replay", "decoder", "refiner", "recorder",
+                "launcher").returncode == 0
+    out = tmp_path / "run"
+    result = _cli("run", "--session", small_session, "--bundle", trained_bundle, "--out", out,
+                  "--duration", 2, "--refiners", 1, "--refiner-steps", 2, "--curve-dir", keys, timeout=280)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["recorded"] >= 55 and report["counts"]["file_seq"]["gaps"] == 0
+    assert report["preview"]["recorded"] > 0 and report["refined"]["recorded"] >= 1
+    assert ServiceConfig.load(out / "config.json").curve_dir == str(keys.resolve())

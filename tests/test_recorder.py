@@ -54,7 +54,7 @@ with Network() as net:
             preview.socket.send(b"preview/decoder\x00not an envelope")
         if i % 3 == 0:
             r = Message(Kind.REFINED, "refiner-0", seq=i // 3, bin_index=i, t_start=c.t_start,
-                        t_stop=c.t_stop, meta=meta, arrays={"image": np.full((96, 96, 3), i, np.uint8)})
+                        t_stop=c.t_stop, meta=meta, arrays={"image": np.full((96, 96, 3), i % 256, np.uint8)})
             r.stamps = dict(p.stamps, decoder_request_send=sent + 4_000_000,
                             refiner_recv=sent + 5_000_000, refiner_send=sent + 50_000_000)
             refined.send(r)

@@ -1,0 +1,119 @@
+"""The configuration of a local live run: inputs checked, loopback endpoints allocated.
+
+`build_run_config` is what `spikevaediff run` writes to RUN_DIR/config.json: every lane on a free
+loopback tcp port (refiner instance k on the refined port + k) or an ipc socket in RUN_DIR/sock.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spikevaediff.core.errors import UserError
+
+from .settings import Endpoints, ServiceConfig
+
+
+def _free_port_block(count: int) -> int:
+    """A port p with p .. p+count-1 all free now (refiner instance k publishes on p + k)."""
+    import socket
+
+    from .transport import free_tcp_port
+
+    for _ in range(50):
+        base = free_tcp_port()
+        probes = []
+        try:
+            for k in range(1, count):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise UserError(f"could not find {count} consecutive free loopback ports")
+
+
+def allocate_endpoints(transport: str, run_dir: Path, n_refiners: int = 1) -> Endpoints:
+    """Fresh loopback endpoints: free tcp ports, or ipc sockets in RUN_DIR/sock."""
+    from .transport import free_tcp_port, ipc_endpoint, tcp_endpoint
+
+    names = ("counts", "sync", "preview", "work", "control")
+    endpoints = Endpoints()
+    if transport == "tcp":
+        values = {name: tcp_endpoint(free_tcp_port()) for name in names}
+        refined = tcp_endpoint(_free_port_block(max(1, n_refiners)))
+    elif transport == "ipc":
+        sock_dir = Path(run_dir) / "sock"
+        values = {name: ipc_endpoint(name, sock_dir) for name in names}
+        refined = ipc_endpoint("refined", sock_dir)
+    else:
+        raise UserError(f"unknown transport '{transport}' (choose tcp or ipc)")
+    for name, value in values.items():
+        setattr(endpoints, name, value)
+    endpoints.refined = refined
+    return endpoints
+
+
+def read_manifest(bundle: Path):
+    """The bundle's manifest (cheap: no ridge weights loaded), with its listed files checked."""
+    from spikevaediff.core.bundle import MANIFEST_NAME, BundleManifest
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise UserError(f"bundle {bundle} does not exist (train one with `spikevaediff train`)")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{bundle} is not a bundle: {MANIFEST_NAME} is missing")
+    try:
+        manifest = BundleManifest.from_dict(json.loads(path.read_text()), where=str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is corrupt (not valid JSON: {exc})") from None
+    for rel in manifest.files:
+        if not (bundle / rel).is_file():
+            raise UserError(f"bundle {bundle} is incomplete: {rel} is missing")
+    return manifest
+
+
+def build_run_config(sessions, bundle, out, *, speed=1.0, duration=30.0, start_frame=0, loop=False,
+                     profile=None, weights_dir="", n_refiners=1, refiner_steps=None,
+                     refiner_strength=None, backend=None, backend_path="", transport="tcp",
+                     threads=1, curve_dir="") -> ServiceConfig:
+    """A validated ServiceConfig for a local run (inputs checked, endpoints allocated)."""
+    sessions = [Path(s) for s in sessions]
+    if not sessions:
+        raise UserError("give at least one --session")
+    for session in sessions:
+        if not session.is_file():
+            raise UserError(f"session file not found: {session}")
+    manifest = read_manifest(bundle)
+    if profile and profile != manifest.profile:
+        raise UserError(f"--profile {profile} does not match the bundle's profile '{manifest.profile}'")
+    if weights_dir and not Path(weights_dir).is_dir():
+        raise UserError(f"weights folder not found: {weights_dir}")
+    if threads < 1:
+        raise UserError("--threads must be at least 1")
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = ServiceConfig(
+        sessions=[str(s.resolve()) for s in sessions], bundle=str(Path(bundle).resolve()),
+        weights_dir=str(Path(weights_dir).resolve()) if weights_dir else "",
+        out=str(run_dir.resolve()), speed=float(speed), duration=float(duration),
+        start_frame=int(start_frame), loop=bool(loop), n_refiners=int(n_refiners),
+        threads={name: int(threads) for name in ("replay", "decoder", "refiner", "recorder")},
+        curve_dir=str(Path(curve_dir).resolve()) if curve_dir else "",
+    )
+    if curve_dir and transport != "tcp":
+        raise UserError("CURVE (--curve-dir) secures tcp; use --transport tcp with it")
+    if refiner_steps is not None:
+        config.refiner.steps = int(refiner_steps)
+    if refiner_strength is not None:
+        config.refiner.strength = float(refiner_strength)
+    if backend:
+        config.refiner.backend = backend
+        config.refiner.backend_path = str(backend_path or "")
+    config.validate()
+    config.endpoints = allocate_endpoints(transport, run_dir, config.n_refiners)
+    return config.validate()
