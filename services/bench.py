@@ -71,8 +71,10 @@ def collect_ratios(tree, prefix: str = "") -> dict:
     found = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
+            if key == "payloads":  # per-payload copies of the top-level transport ratios
+                continue
             name = f"{prefix}{key}"
-            if "ratio" in key and isinstance(value, (int, float)):
+            if key.endswith("ratio") and isinstance(value, (int, float)):
                 found[name] = float(value)
             else:
                 found.update(collect_ratios(value, name + "."))
@@ -97,3 +99,112 @@ def write_bench(out: Path, result: dict) -> None:
                 lines.append(f"\n- {key}: {live[key]}")
         lines += ["", "![latency](latency.png)"]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def _hop_stats(values) -> dict:
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return {"n": 0, "p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    return {"n": int(a.size), "p50_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+def bench_live(sessions, bundle_dir, out: Path, duration: float = 20.0, speed: float = 1.0,
+               warmup_s: float = 2.0, n_refiners: int = 1, refiner_steps: int | None = None,
+               backend: str | None = None, transport: str = "tcp", seed: int = 0) -> dict:
+    """Run the live system and measure it, excluding the first `warmup_s` of neural time."""
+    import numpy as np
+
+    from .launcher import run_live
+    from .run_config import build_run_config
+    from .recording import read_recording
+    from .run_report import PREVIEW_HOPS, REFINED_HOPS
+
+    config = build_run_config(sessions, bundle_dir, out, speed=speed, duration=duration + warmup_s,
+                              n_refiners=n_refiners, refiner_steps=refiner_steps, backend=backend,
+                              transport=transport)
+    config.preview_seed = config.refiner.seed = seed
+    config.validate()
+    outcome, summary = run_live(config)
+    rec = read_recording(Path(config.out) / "recording.h5", images=False)
+    result = {"reason": outcome.reason, "duration_s": duration, "warmup_s": warmup_s, "speed": speed,
+              "n_refiners": n_refiners, "hops": {}}
+    t_start = rec["counts"]["t0"].min() if rec["counts"]["n"] else 0.0
+    for group, hops in (("preview", PREVIEW_HOPS), ("refined", REFINED_HOPS)):
+        data = rec[group]
+        keep = data["t0"] >= t_start + warmup_s if data["n"] else np.zeros(0, bool)
+        for hop in hops:
+            values = np.asarray(data["hops"].get(hop, np.zeros(data["n"])))
+            result["hops"][hop] = _hop_stats(values[keep])
+    period = 1.0 / 30.0 if rec["counts"]["n"] < 2 else float(np.median(np.diff(rec["counts"]["t0"])))
+    decode = result["hops"].get("decode", {}).get("p50_ms", float("nan"))
+    refine = result["hops"].get("refine", {}).get("p50_ms", float("nan"))
+    # FALCON's normalized latency: compute time over the neural time it covers (< 1 = real time).
+    result["normalized_latency"] = {"decoder": decode / 1e3 / (period / speed),
+                                    "refiner_per_bin": refine / 1e3 / (period / speed)}
+    result["bin_period_s"] = period
+    if summary:
+        result["throughput_bins_per_s"] = summary.get("throughput_hz")
+        result["counts_gaps"] = summary["counts"]["file_seq"]
+        result["drops"] = {"preview_lane": summary["preview"]["lane"], "refined_lane": summary["refined"]["lane"],
+                           "refine_requests": summary["refined"].get("decoder_requests")}
+        result["pacing_error_ms"] = summary.get("pacing_error_ms")
+    return result
+
+
+def latency_plot(path: Path, live: dict) -> None:
+    """Per-hop p50/p99 bars on a log axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hops = [h for h, s in live["hops"].items() if s["n"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for k, (q, label) in enumerate((("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max"))):
+        ax.barh([i + 0.27 * (k - 1) for i in range(len(hops))], [live["hops"][h][q] for h in hops],
+                height=0.25, label=label)
+    ax.axvline(1e3 * live["bin_period_s"] / live["speed"], color="k", ls="--", lw=1, label="bin period")
+    ax.set_yticks(range(len(hops)))
+    ax.set_yticklabels(hops)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_bench(sessions, bundle_dir, out, stages=STAGES, duration: float = 20.0, speed: float = 1.0,
+              seed: int = 0, quick: bool = False, transport: str = "tcp") -> dict:
+    """Run the chosen stages and write bench.json + bench.md (+ latency.png)."""
+    import torch
+
+    from spikevaediff.core.bundle import load_bundle
+    from spikevaediff.core.config import ModelProfile
+
+    out = Path(out)
+    result = {"machine": machine_info(), "seed": seed, "stages": list(stages)}
+    torch.manual_seed(seed)
+    if "transport" in stages:
+        from .bench_transport import bench_transport
+        result["transport"] = bench_transport(transport, iterations=300 if quick else 2000,
+                                              warmup=50 if quick else 200)
+    if "projection" in stages:
+        result["projection"] = bench_projection_stage(bundle_dir, paper_units=0 if quick else 500,
+                                                      repeats=50 if quick else 200)
+    if "refiner" in stages:
+        from .bench_refiner import bench_refiner_backends
+        m = load_bundle(bundle_dir).manifest
+        torch.set_num_threads(1)
+        result["refiner"] = bench_refiner_backends(ModelProfile(m.profile, m.weights_dir), steps=5,
+                                                   repeats=3 if quick else 10, image_repeats=1 if quick else 2,
+                                                   seed=seed)
+    if "live" in stages:
+        result["live"] = bench_live(sessions, bundle_dir, out / "live", duration=duration, speed=speed,
+                                    seed=seed, transport=transport)
+        latency_plot(out / "latency.png", result["live"])
+    write_bench(out, result)
+    return result

@@ -20,7 +20,8 @@ COMMAND_MODULES = [
     "spikevaediff.services.commands_refiner",   # refine (one image), bench-models
     "spikevaediff.services.commands_training",  # train, evaluate, ablate, bench-ridge
     "spikevaediff.services.commands_export",    # export-unet
-    "spikevaediff.services.commands_live",      # run, serve, bench, bench-transport
+    "spikevaediff.services.commands_live",      # run, serve, keys, bench-transport
+    "spikevaediff.services.commands_bench",     # bench
 ]
 
 
