@@ -239,8 +239,9 @@ def write_bundle(directory, manifest: BundleManifest, ridges: dict[str, RidgeReg
     return directory
 
 
-def load_bundle(directory, device: str = "cpu", verify_hashes: bool = True) -> Bundle:
-    """Read and validate a bundle; UserError naming the problem when anything is off."""
+def read_manifest(directory, verify_hashes: bool = False) -> BundleManifest:
+    """A bundle's manifest with every file it lists checked (sizes; hashes on request), without
+    loading any weights: cheap enough for a launcher to validate its inputs up front."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"bundle {directory} does not exist (train one with `spikevaediff train`)")
@@ -255,6 +256,13 @@ def load_bundle(directory, device: str = "cpu", verify_hashes: bool = True) -> B
     for rel, record in sorted(manifest.files.items()):
         _check_relpath(rel)
         _verify_file(directory / rel, record, verify_hashes)
+    return manifest
+
+
+def load_bundle(directory, device: str = "cpu", verify_hashes: bool = True) -> Bundle:
+    """Read and validate a bundle; UserError naming the problem when anything is off."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, verify_hashes)
     ridges = {}
     for rel in sorted(manifest.files):
         parts = PurePosixPath(rel)

@@ -5,7 +5,6 @@ loopback tcp port (refiner instance k on the refined port + k) or an ipc socket 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from spikevaediff.core.errors import UserError
@@ -57,26 +56,6 @@ def allocate_endpoints(transport: str, run_dir: Path, n_refiners: int = 1) -> En
     return endpoints
 
 
-def read_manifest(bundle: Path):
-    """The bundle's manifest (cheap: no ridge weights loaded), with its listed files checked."""
-    from spikevaediff.core.bundle import MANIFEST_NAME, BundleManifest
-
-    bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise UserError(f"bundle {bundle} does not exist (train one with `spikevaediff train`)")
-    path = bundle / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"{bundle} is not a bundle: {MANIFEST_NAME} is missing")
-    try:
-        manifest = BundleManifest.from_dict(json.loads(path.read_text()), where=str(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is corrupt (not valid JSON: {exc})") from None
-    for rel in manifest.files:
-        if not (bundle / rel).is_file():
-            raise UserError(f"bundle {bundle} is incomplete: {rel} is missing")
-    return manifest
-
-
 def build_run_config(sessions, bundle, out, *, speed=1.0, duration=30.0, start_frame=0, loop=False,
                      profile=None, weights_dir="", n_refiners=1, refiner_steps=None,
                      refiner_strength=None, backend=None, backend_path="", transport="tcp",
@@ -88,7 +67,9 @@ def build_run_config(sessions, bundle, out, *, speed=1.0, duration=30.0, start_f
     for session in sessions:
         if not session.is_file():
             raise UserError(f"session file not found: {session}")
-    manifest = read_manifest(bundle)
+    from spikevaediff.core.bundle import read_manifest
+
+    manifest = read_manifest(bundle)  # checks the bundle without loading its weights
     if profile and profile != manifest.profile:
         raise UserError(f"--profile {profile} does not match the bundle's profile '{manifest.profile}'")
     if weights_dir and not Path(weights_dir).is_dir():
