@@ -168,6 +168,15 @@ def _check_stream(stream) -> None:
 
 
 def _to_wire_array(name: str, array: np.ndarray, limits: Limits) -> tuple[dict, memoryview]:
+    # Fast path: a contiguous array of a default-whitelisted dtype (the usual case).
+    if type(array) is np.ndarray and array.flags.c_contiguous:
+        dtype = _WIRE_DTYPE_STR.get(array.dtype)
+        if dtype is not None and dtype in limits.dtypes:
+            shape = array.shape
+            nbytes = array.nbytes
+            if len(shape) <= limits.max_ndim and nbytes <= limits.max_payload_bytes:
+                buffer = memoryview(array).cast("B") if nbytes else memoryview(b"")
+                return {"name": name, "dtype": dtype, "shape": list(shape)}, buffer
     if type(array) is not np.ndarray or not array.flags.c_contiguous or array.dtype.byteorder == ">":
         array = np.ascontiguousarray(array)  # copies only what is not already wire-ready
         if array.dtype.byteorder == ">":
@@ -182,6 +191,11 @@ def _to_wire_array(name: str, array: np.ndarray, limits: Limits) -> tuple[dict, 
                                         f"(max {limits.max_payload_bytes})")
     buffer = memoryview(array).cast("B") if array.size else memoryview(b"")
     return {"name": name, "dtype": dtype, "shape": list(array.shape)}, buffer
+
+
+# Exact dtype objects -> wire string (np.dtype equality includes byte order, so a
+# big-endian array never matches and takes the converting path).
+_WIRE_DTYPE_STR = {np.dtype(name): name for name in ALLOWED_DTYPES}
 
 
 def _pack_default(obj):
@@ -346,7 +360,7 @@ def _parse_array(spec, frame: memoryview, limits: Limits, rules: dict) -> tuple[
     if nbytes > limits.max_payload_bytes:
         raise WireError("payload_size", f"array '{name}' is {nbytes} bytes "
                                         f"(max {limits.max_payload_bytes})")
-    np_dtype = _NP_DTYPES.get(dtype) or np.dtype(dtype)
+    np_dtype = _NP_DTYPES.get(dtype) or np.dtype(dtype)  # a custom whitelist may add dtypes
     expected = np_dtype.itemsize * count
     if expected != nbytes:
         raise WireError("shape", f"array '{name}' shape {shape} needs {expected} bytes, "
@@ -357,7 +371,9 @@ def _parse_array(spec, frame: memoryview, limits: Limits, rules: dict) -> tuple[
             raise WireError("shape", f"array '{name}' shape {shape} does not fit its kind")
         if rule.dtypes is not None and dtype not in rule.dtypes:
             raise WireError("dtype", f"array '{name}' dtype {dtype} does not fit its kind")
-    array = np.frombuffer(frame, dtype=np_dtype).reshape(shape)
+    array = np.frombuffer(frame, dtype=np_dtype)
+    if len(shape) != 1:  # frombuffer already gives the 1-D shape (the byte count matched)
+        array = array.reshape(shape)
     if array.flags.writeable:
         array.flags.writeable = False  # a view of the received frame: never edited in place
     if dtype in FLOAT_DTYPES and nbytes and not np.isfinite(array).all():
@@ -365,8 +381,29 @@ def _parse_array(spec, frame: memoryview, limits: Limits, rules: dict) -> tuple[
     return name, array
 
 
+def _check_ints(header: dict) -> None:
+    """The precise reason an integer field failed the fast check in `decode`."""
+    _int_field(header, "seq", 0)
+    _int_field(header, "bin", -1)
+    _int_field(header, "wall_ns", 0)
+
+
+def _check_times(header: dict) -> None:
+    """The precise reason t0/t1 failed the fast check in `decode`."""
+    if _time_field(header, "t1") < _time_field(header, "t0"):
+        raise WireError("field_value", "t1 before t0")
+
+
+_NEG_INF, _POS_INF = float("-inf"), float("inf")
+
+
 def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """The `Message` in `frames` (bytes or zmq.Frame), or `WireError` saying why not."""
+    """The `Message` in `frames` (bytes or zmq.Frame), or `WireError` saying why not.
+
+    Every rule of docs/PROTOCOL.md section 5 is checked. The common well-formed header takes
+    a fast path (a few combined type and range tests); anything that fails it is re-checked
+    field by field, in the documented order, for the precise reason.
+    """
     if not 2 <= len(frames) <= limits.max_frames:
         raise WireError("frames", f"{len(frames)} frames (expected 2..{limits.max_frames})")
     views = [memoryview(f) for f in frames]
@@ -379,17 +416,24 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
     if kind is None:
         raise WireError("kind", f"unknown kind {kind_value!r}")
     stream = header["stream"]
-    _check_stream(stream)
+    if type(stream) is not str or not _valid_stream(stream):
+        raise WireError("field_value", f"bad stream id {stream!r}")
     if views[0] != topic_for(kind, stream):
         raise WireError("topic", "topic does not match kind and stream")
-    seq = _int_field(header, "seq", 0)
-    bin_index = _int_field(header, "bin", -1)
-    wall_ns = _int_field(header, "wall_ns", 0)
-    t_start, t_stop = _time_field(header, "t0"), _time_field(header, "t1")
-    if t_stop < t_start:
-        raise WireError("field_value", "t1 before t0")
+    seq, bin_index, wall_ns = header["seq"], header["bin"], header["wall_ns"]
+    if not (type(seq) is int and type(bin_index) is int and type(wall_ns) is int
+            and 0 <= seq < _INT63 and -1 <= bin_index < _INT63 and 0 <= wall_ns < _INT63):
+        _check_ints(header)
+    t_start, t_stop = header["t0"], header["t1"]
+    if not (type(t_start) is float and type(t_stop) is float and _NEG_INF < t_start <= t_stop < _POS_INF):
+        _check_times(header)  # raises, or accepts ints / equal bounds after the exact checks
+        t_start, t_stop = float(t_start), float(t_stop)
     stamps = header["stamps"]
-    _check_stamps(stamps, limits)
+    if type(stamps) is not dict or len(stamps) > limits.max_stamps:
+        raise WireError("field_type", "'stamps' must be a small map")
+    for stage, value in stamps.items():
+        if type(value) is not int or not 0 <= value < _INT63 or not _valid_name(stage):
+            raise WireError("field_value", f"bad stamp {stage!r}")
     meta = header["meta"]
     if type(meta) is not dict:
         raise WireError("field_type", "'meta' must be a map")
@@ -405,15 +449,18 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise WireError("frames", f"header lists {len(specs)} arrays, message has {len(views) - 2}")
     rules = ARRAY_RULES[kind]
     arrays: dict[str, np.ndarray] = {}
-    for spec, frame in zip(specs, views[2:]):
-        name, array = _parse_array(spec, frame, limits, rules)
+    for index, spec in enumerate(specs, 2):
+        name, array = _parse_array(spec, views[index], limits, rules)
         if name in arrays:
             raise WireError("array_spec", f"array '{name}' listed twice")
         arrays[name] = array
-    if len(arrays) < len(rules) or not all(n in arrays for n in rules):
-        absent = [n for n, rule in rules.items() if rule.required and n not in arrays]
-        if absent:
+    for name in _REQUIRED_ARRAYS[kind]:
+        if name not in arrays:
+            absent = [n for n in _REQUIRED_ARRAYS[kind] if n not in arrays]
             raise WireError("missing_array", f"{kind.value} needs {', '.join(absent)}")
 
-    return Message(kind=kind, stream=stream, seq=seq, bin_index=bin_index, t_start=t_start,
-                   t_stop=t_stop, stamps=stamps, wall_ns=wall_ns, meta=meta, arrays=arrays)
+    return Message(kind, stream, seq, bin_index, t_start, t_stop, stamps, wall_ns, meta, arrays)
+
+
+_REQUIRED_ARRAYS = {kind: tuple(n for n, rule in rules.items() if rule.required)
+                    for kind, rules in ARRAY_RULES.items()}

@@ -203,38 +203,25 @@ class Decoder:
         }
 
 
+def serve(runtime, decoder: Decoder) -> None:
+    log = runtime.log
+    log.info("decoding %d values per bin", decoder.n_values)
+    while runtime.running and decoder.end_of_stream is None:
+        decoder.step()
+        runtime.heartbeat(decoder.stats)
+    runtime.report("stopping", decoder.stats())
+    decoder.forward_end_of_stream()
+    stats = decoder.stats()
+    log.info("decoded %d bins; latency p50 %s ms, p99 %s ms; gaps %d", decoder.decoded,
+             stats["latency_ms"].get("p50"), stats["latency_ms"].get("p99"), stats["gaps"])
+    time.sleep(0.1)  # let the end of stream leave before the sockets close
+
+
 def main(config: ServiceConfig, instance: int = 0) -> int:
     """Decode until END_OF_STREAM or a stop signal; exit code 0, or 2 on a setup problem."""
-    from .runtime import ServiceRuntime
+    from .runtime import run_service
 
-    runtime = ServiceRuntime("decoder", config, instance)
-    decoder = None
-    try:
-        runtime.report("starting")
-        decoder = Decoder(runtime, config)
-        runtime.report("ready", decoder.stats())
-        runtime.log.info("decoding %d values per bin", decoder.n_values)
-        while runtime.running and decoder.end_of_stream is None:
-            decoder.step()
-            runtime.heartbeat(decoder.stats)
-        runtime.report("stopping", decoder.stats())
-        decoder.forward_end_of_stream()
-        stats = decoder.stats()
-        runtime.log.info("decoded %d bins; latency p50 %s ms, p99 %s ms; gaps %d", decoder.decoded,
-                         stats["latency_ms"].get("p50"), stats["latency_ms"].get("p99"), stats["gaps"])
-        time.sleep(0.1)  # let the end of stream leave before the sockets close
-        runtime.report("stopped", stats)
-        return 0
-    except UserError as exc:
-        runtime.log.error("%s", exc)
-        runtime.report("error", decoder.stats() if decoder else None, error=str(exc))
-        return 2
-    except KeyboardInterrupt:
-        if decoder is not None:
-            runtime.report("stopped", decoder.stats())
-        return 130
-    finally:
-        runtime.close()
+    return run_service("decoder", config, instance, lambda runtime: Decoder(runtime, config), serve)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import zmq
 
-from spikevaediff.core.errors import UserError
 from spikevaediff.core.wire import Kind, Message
 
 from .settings import ServiceConfig, instance_address
@@ -143,35 +142,20 @@ class Recorder:
             self.writer.close()
 
 
+def serve(runtime, recorder: Recorder) -> None:
+    runtime.log.info("recording to %s", recorder.path)
+    while runtime.running and not recorder.finished():
+        recorder.step()
+        runtime.heartbeat(recorder.stats)
+    runtime.report("stopping", recorder.stats())
+    recorder.close()
+
+
 def main(config: ServiceConfig, instance: int = 0) -> int:
     """Run the recorder until end of stream or a stop signal; the exit code (0 ok, 2 bad setup)."""
-    from .runtime import ServiceRuntime
+    from .runtime import run_service
 
-    runtime = ServiceRuntime("recorder", config, instance)
-    recorder = None
-    try:
-        runtime.report("starting")
-        recorder = Recorder(runtime, config)
-        runtime.log.info("recording to %s", recorder.path)
-        runtime.report("ready", recorder.stats())
-        while runtime.running and not recorder.finished():
-            recorder.step()
-            runtime.heartbeat(recorder.stats)
-        runtime.report("stopping", recorder.stats())
-        recorder.close()
-        runtime.report("stopped", recorder.stats())
-        return 0
-    except UserError as exc:
-        runtime.log.error("%s", exc)
-        runtime.report("error", error=str(exc))
-        return 2
-    except KeyboardInterrupt:  # a second signal: stop at once, keep what is written
-        if recorder is not None:
-            recorder.close()
-            runtime.report("stopped", recorder.stats())
-        return 130
-    finally:
-        runtime.close()
+    return run_service("recorder", config, instance, lambda runtime: Recorder(runtime, config), serve)
 
 
 if __name__ == "__main__":

@@ -155,41 +155,29 @@ class RefinerWorker:
                 "end_of_stream": self.finished}
 
 
+def serve(runtime, worker: RefinerWorker) -> None:
+    log = runtime.log
+    log.info("refiner %d ready on %s (%s, %d UNet evaluations per image)", worker.instance, worker.address,
+             worker.refiner.backend.describe(), worker.refiner.unet_evaluations())
+    while runtime.running and not worker.finished:
+        worker.step()
+        runtime.heartbeat(worker.stats)
+    runtime.report("stopping", worker.stats())
+    time.sleep(0.05)  # let the last refined image leave before the sockets close
+    log.info("refined %d, skipped %d of %d requests", worker.counters["refined"],
+             worker.counters["skipped"], worker.counters["requests"])
+
+
 def main(config: ServiceConfig, instance: int = 0) -> int:
     """Refine until the decoder's end of stream or a stop signal; exit code 0, or 2 on a setup problem."""
-    from .runtime import ServiceRuntime
+    from .runtime import run_service
 
-    runtime = ServiceRuntime("refiner", config, instance)
     if config.refiner.nice and config.refiner.device == "cpu":
         # Best effort: on a shared CPU the preview path is the latency-critical one, so the
         # refiner yields the cores to the decoder whenever both want them.
         os.nice(config.refiner.nice)
-    worker = None
-    try:
-        runtime.report("starting")
-        worker = RefinerWorker(runtime, config, instance)
-        runtime.log.info("refiner %d ready on %s (%s, %d UNet evaluations per image)", instance,
-                         worker.address, worker.refiner.backend.describe(), worker.refiner.unet_evaluations())
-        runtime.report("ready", worker.stats())
-        while runtime.running and not worker.finished:
-            worker.step()
-            runtime.heartbeat(worker.stats)
-        runtime.report("stopping", worker.stats())
-        time.sleep(0.05)  # let the last refined image leave before the sockets close
-        runtime.log.info("refined %d, skipped %d of %d requests", worker.counters["refined"],
-                         worker.counters["skipped"], worker.counters["requests"])
-        runtime.report("stopped", worker.stats())
-        return 0
-    except UserError as exc:
-        runtime.log.error("%s", exc)
-        runtime.report("error", worker.stats() if worker else None, error=str(exc))
-        return 2
-    except KeyboardInterrupt:
-        if worker is not None:
-            runtime.report("stopped", worker.stats())
-        return 130
-    finally:
-        runtime.close()
+    return run_service("refiner", config, instance,
+                       lambda runtime: RefinerWorker(runtime, config, instance), serve)
 
 
 if __name__ == "__main__":

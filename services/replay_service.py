@@ -125,37 +125,23 @@ class Replay:
         self.publisher.send(eos)
 
 
+def serve(runtime, replay: Replay) -> None:
+    if replay.wait_for_subscribers():
+        runtime.log.info("streaming %s (%d units) at speed %g", replay.source.stream,
+                         replay.source.n_units, replay.config.speed)
+        replay.stream()
+    runtime.report("stopping", replay.stats())
+    replay.finish()
+    pacing = replay.pacing_ms.summary()
+    runtime.log.info("sent %d bins; pacing error p50 %s ms, p99 %s ms, max %s ms", replay.sent,
+                     pacing.get("p50"), pacing.get("p99"), pacing.get("max"))
+
+
 def main(config: ServiceConfig, instance: int = 0) -> int:
     """Run the replay until the stream ends or a stop signal; exit code 0, or 2 on a setup problem."""
-    from .runtime import ServiceRuntime
+    from .runtime import run_service
 
-    runtime = ServiceRuntime("replay", config, instance)
-    replay = None
-    try:
-        runtime.report("starting")
-        replay = Replay(runtime, config)
-        runtime.report("ready", replay.stats())
-        if replay.wait_for_subscribers():
-            runtime.log.info("streaming %s (%d units) at speed %g", replay.source.stream,
-                             replay.source.n_units, config.speed)
-            replay.stream()
-        runtime.report("stopping", replay.stats())
-        replay.finish()
-        pacing = replay.pacing_ms.summary()
-        runtime.log.info("sent %d bins; pacing error p50 %s ms, p99 %s ms, max %s ms", replay.sent,
-                         pacing.get("p50"), pacing.get("p99"), pacing.get("max"))
-        runtime.report("stopped", replay.stats())
-        return 0
-    except UserError as exc:
-        runtime.log.error("%s", exc)
-        runtime.report("error", replay.stats() if replay else None, error=str(exc))
-        return 2
-    except KeyboardInterrupt:  # a second signal: stop at once
-        if replay is not None:
-            runtime.report("stopped", replay.stats())
-        return 130
-    finally:
-        runtime.close()
+    return run_service("replay", config, instance, lambda runtime: Replay(runtime, config), serve)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,34 @@ class ServiceRuntime:
 
     def close(self) -> None:
         self.net.close()
+
+
+def run_service(name: str, config: ServiceConfig, instance: int, build, serve) -> int:
+    """The lifecycle every service shares; returns the exit code.
+
+    starting -> `build(runtime)` -> ready -> `serve(runtime, service)` (the loop and its orderly
+    finish) -> stopped: 0. A UserError reports `error` with its one line: 2. A second signal stops
+    at once (the service's `close()`, if it has one, keeps what it wrote): 130.
+    """
+    from spikevaediff.core.errors import UserError
+
+    runtime = ServiceRuntime(name, config, instance)
+    service = None
+    try:
+        runtime.report("starting")
+        service = build(runtime)
+        runtime.report("ready", service.stats())
+        serve(runtime, service)
+        runtime.report("stopped", service.stats())
+        return 0
+    except UserError as exc:
+        runtime.log.error("%s", exc)
+        runtime.report("error", service.stats() if service else None, error=str(exc))
+        return 2
+    except KeyboardInterrupt:  # a second signal: stop at once
+        if service is not None:
+            getattr(service, "close", lambda: None)()
+            runtime.report("stopped", service.stats())
+        return 130
+    finally:
+        runtime.close()
