@@ -9,6 +9,7 @@ from pathlib import Path
 
 from spikevaediff.core.errors import UserError
 
+from .runtime import default_cpu_pinning
 from .settings import Endpoints, ServiceConfig
 
 
@@ -85,6 +86,7 @@ def build_run_config(sessions, bundle, out, *, speed=1.0, duration=30.0, start_f
         start_frame=int(start_frame), loop=bool(loop), n_refiners=int(n_refiners),
         threads={name: int(threads) for name in ("replay", "decoder", "refiner", "recorder")},
         curve_dir=str(Path(curve_dir).resolve()) if curve_dir else "",
+        cpus=default_cpu_pinning(),
     )
     if curve_dir and transport != "tcp":
         raise UserError("CURVE (--curve-dir) secures tcp; use --transport tcp with it")

@@ -45,6 +45,30 @@ def limit_threads(n: int) -> None:
         pass
 
 
+def pin_to_cpus(cpus, log) -> None:
+    """Pin this process to `cpus` (Linux), so the decoder and the refiner never share a core."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return
+    available = os.sched_getaffinity(0)
+    wanted = {c for c in cpus if c in available}
+    if not wanted:
+        log.warning("none of CPUs %s is available (have %s); not pinning", cpus, sorted(available))
+        return
+    os.sched_setaffinity(0, wanted)
+
+
+def default_cpu_pinning(n_cpus: int | None = None) -> dict:
+    """On a machine with 2+ cores the decoder (the latency-critical preview path) gets core 0 to
+    itself; everything else shares the other cores, where the CPU refiners run at a lower priority
+    (`refiner.nice`) so the replay's pacing and the recorder come first."""
+    if n_cpus is None:
+        n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_cpus < 2:
+        return {}
+    rest = list(range(1, n_cpus))
+    return {"decoder": [0], "refiner": rest, "replay": rest, "recorder": rest}
+
+
 class ServiceRuntime:
     def __init__(self, name: str, config: ServiceConfig, instance: int = 0):
         from .transport import CurveConfig, Endpoint, Network
@@ -54,6 +78,7 @@ class ServiceRuntime:
         self.config = config
         self.log = logging.getLogger(f"spikevaediff.{name}" + (f".{instance}" if instance else ""))
         limit_threads(config.threads.get(name, 1))
+        pin_to_cpus(config.cpus.get(name), self.log)
         self._signals = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)

@@ -80,6 +80,7 @@ class ServiceConfig:
     refiner: RefinerSettings = field(default_factory=RefinerSettings)
     n_refiners: int = 1
     threads: dict = field(default_factory=lambda: {"replay": 1, "decoder": 1, "refiner": 1, "recorder": 1})
+    cpus: dict = field(default_factory=dict)  # service -> CPU ids it is pinned to (Linux); {} = no pinning
     curve_dir: str = ""                 # folder of CURVE keys: enables encryption/authentication on tcp
     heartbeat_s: float = 1.0
     preview_seed: int = 0
@@ -105,9 +106,13 @@ class ServiceConfig:
         for name, value in asdict(self.endpoints).items():
             if not value.startswith(("tcp://", "ipc://", "inproc://")):
                 raise UserError(f"endpoint {name} must be tcp://, ipc:// or inproc://, got '{value}'")
-        unknown = set(self.threads) - set(SERVICES)
-        if unknown:
-            raise UserError(f"unknown service(s) in threads: {', '.join(sorted(unknown))}")
+        for section in ("threads", "cpus"):
+            unknown = set(getattr(self, section)) - set(SERVICES)
+            if unknown:
+                raise UserError(f"unknown service(s) in {section}: {', '.join(sorted(unknown))}")
+        for name, cpus in self.cpus.items():
+            if not cpus or not all(isinstance(c, int) and c >= 0 for c in cpus):
+                raise UserError(f"cpus.{name} must be a non-empty list of CPU ids, got {cpus!r}")
         return self
 
     def refined_address(self, instance: int = 0) -> str:

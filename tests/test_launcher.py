@@ -210,3 +210,19 @@ def test_run_with_curve_encrypts_every_lane_and_loses_nothing(tmp_path, small_se
     assert report["counts"]["recorded"] >= 55 and report["counts"]["file_seq"]["gaps"] == 0
     assert report["preview"]["recorded"] > 0 and report["refined"]["recorded"] >= 1
     assert ServiceConfig.load(out / "config.json").curve_dir == str(keys.resolve())
+
+
+def test_default_pinning_gives_the_decoder_a_core_of_its_own():
+    from spikevaediff.services.runtime import default_cpu_pinning
+
+    assert default_cpu_pinning(1) == {}
+    pins = default_cpu_pinning(4)
+    assert pins["decoder"] == [0]
+    for name in ("refiner", "replay", "recorder"):
+        assert pins[name] == [1, 2, 3]
+    config = ServiceConfig(cpus=pins).validate()
+    assert config.cpus["decoder"] == [0]
+    with pytest.raises(Exception, match="cpus.decoder"):
+        ServiceConfig(cpus={"decoder": []}).validate()
+    with pytest.raises(Exception, match="unknown service"):
+        ServiceConfig(cpus={"gpu": [0]}).validate()
