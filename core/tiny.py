@@ -50,7 +50,7 @@ def _image_processor_class(name: str):
     return getattr(transformers, name)
 
 
-def _write_atomically(out_dir: Path, build) -> Path:
+def write_atomically(out_dir: Path, build) -> Path:
     """Build into a sibling temporary folder, then move it into place (no half-written folders)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def write_tiny_clip(out_dir, seed: int = 0) -> Path:
         processor.save_pretrained(folder)
 
     log.info("writing tiny CLIP to %s", out_dir)
-    return _write_atomically(Path(out_dir), build)
+    return write_atomically(Path(out_dir), build)
 
 
 def tiny_blip2_config(vocab_size: int, image_token_id: int, bos_id: int, eos_id: int, pad_id: int):
@@ -161,7 +161,7 @@ def write_tiny_blip2(out_dir, seed: int = 0) -> Path:
         processor.save_pretrained(folder)
 
     log.info("writing tiny BLIP-2 to %s", out_dir)
-    return _write_atomically(Path(out_dir), build)
+    return write_atomically(Path(out_dir), build)
 
 
 TINY_BUILT_KEYS = ("clip", "blip2", "versatile_diffusion")

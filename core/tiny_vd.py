@@ -90,7 +90,7 @@ def write_tiny_versatile_diffusion(out_dir, clip_dir, seed: int = 0) -> Path:
     from transformers import (AutoImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                               CLIPVisionModelWithProjection)
 
-    from .tiny import _write_atomically
+    from .tiny import write_atomically
     from .vd_loader import quiet_hf_logging
 
     clip_dir = Path(clip_dir)
@@ -118,4 +118,4 @@ def write_tiny_versatile_diffusion(out_dir, clip_dir, seed: int = 0) -> Path:
 
     log.info("writing tiny Versatile Diffusion to %s", out_dir)
     with quiet_hf_logging():
-        return _write_atomically(Path(out_dir), build)
+        return write_atomically(Path(out_dir), build)

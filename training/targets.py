@@ -65,54 +65,44 @@ class TargetCache:
         tmp.replace(path)
 
 
-def vdvae_targets(model, frames64: np.ndarray, model_id: str, cache: TargetCache, mode: str = "mean",
-                  batch_size: int = 64) -> np.ndarray:
-    """Stage-1 latents [F, D] of square 64x64 frames."""
+def cached_extraction(cache: TargetCache, name: str, key: str, items, batch_size: int, embed,
+                      desc: str) -> np.ndarray:
+    """`embed(batch, start)` over `items` in batches, flattened per item, float32; read from and
+    written to the cache under (name, key)."""
     import torch
     from tqdm import tqdm
 
-    key = _digest(frames64, model_id, mode, model.latent_dim())
-    cached = cache.get("vdvae", key)
+    cached = cache.get(name, key)
     if cached is not None:
         return cached
     chunks = []
-    gen_seed = 0
-    for start in tqdm(range(0, len(frames64), batch_size), desc="stage-1 latents", unit="batch"):
-        batch = frames64[start:start + batch_size]
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
+        batch = items[start:start + batch_size]
         with torch.inference_mode():
-            chunks.append(model.encode_latents(batch, mode=mode, seed=gen_seed + start).cpu().numpy())
+            chunks.append(np.asarray(embed(batch, start)).reshape(len(batch), -1))
     out = np.concatenate(chunks).astype(np.float32)
-    cache.put("vdvae", key, out)
+    cache.put(name, key, out)
     return out
+
+
+def vdvae_targets(model, frames64: np.ndarray, model_id: str, cache: TargetCache, mode: str = "mean",
+                  batch_size: int = 64) -> np.ndarray:
+    """Stage-1 latents [F, D] of square 64x64 frames (posterior samples seeded by position)."""
+    key = _digest(frames64, model_id, mode, model.latent_dim())
+    return cached_extraction(cache, "vdvae", key, frames64, batch_size,
+                             lambda batch, start: model.encode_latents(batch, mode=mode, seed=start).cpu().numpy(),
+                             "stage-1 latents")
 
 
 def clip_vision_targets(encoder, frames: np.ndarray, model_id: str, cache: TargetCache,
                         batch_size: int = 32) -> np.ndarray:
     """CLIP-Vision embeddings [F, 257*D] of square frames."""
-    from tqdm import tqdm
-
-    key = _digest(frames, model_id)
-    cached = cache.get("clip_vision", key)
-    if cached is not None:
-        return cached
-    chunks = [encoder.image_embeds(frames[s:s + batch_size]).reshape(len(frames[s:s + batch_size]), -1).numpy()
-              for s in tqdm(range(0, len(frames), batch_size), desc="CLIP-Vision", unit="batch")]
-    out = np.concatenate(chunks).astype(np.float32)
-    cache.put("clip_vision", key, out)
-    return out
+    return cached_extraction(cache, "clip_vision", _digest(frames, model_id), frames, batch_size,
+                             lambda batch, _: encoder.image_embeds(batch).numpy(), "CLIP-Vision")
 
 
 def clip_text_targets(encoder, captions: list[str], model_id: str, cache: TargetCache,
                       batch_size: int = 64) -> np.ndarray:
     """CLIP-Text embeddings [F, 77*D] of the frames' captions."""
-    from tqdm import tqdm
-
-    key = _digest(tuple(captions), model_id)
-    cached = cache.get("clip_text", key)
-    if cached is not None:
-        return cached
-    chunks = [encoder.text_embeds(captions[s:s + batch_size]).reshape(len(captions[s:s + batch_size]), -1).numpy()
-              for s in tqdm(range(0, len(captions), batch_size), desc="CLIP-Text", unit="batch")]
-    out = np.concatenate(chunks).astype(np.float32)
-    cache.put("clip_text", key, out)
-    return out
+    return cached_extraction(cache, "clip_text", _digest(tuple(captions), model_id), captions, batch_size,
+                             lambda batch, _: encoder.text_embeds(batch).numpy(), "CLIP-Text")
