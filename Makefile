@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 # A machine whose python already has torch (e.g. a CUDA build) keeps it: the venv then sees the
 # system site-packages. Otherwise torch is installed first, pinned, so that nothing pulls a
 # multi-GB CUDA build; then the project and its test extras.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py core/_wirefast.c
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "using the torch already installed: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \

@@ -13,6 +13,7 @@ docs/PROTOCOL.md is the written specification; keep the two in step.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,16 @@ class Limits:
     max_meta_depth: int = 4
     dtypes: frozenset = ALLOWED_DTYPES
 
+    def __post_init__(self):
+        # `fast_params`: these limits as `_wirefast.parse` takes them, or None when a custom
+        # dtype whitelist needs the Python decode. An attribute, not a field: no part of
+        # equality or repr, and cheaper to read per message than a property.
+        params = None
+        if self.dtypes == ALLOWED_DTYPES:
+            params = (self.max_frames, self.max_header_bytes, self.max_payload_bytes, self.max_ndim,
+                      self.max_topic_bytes, self.max_stamps, self.max_meta_items, self.max_meta_depth)
+        object.__setattr__(self, "fast_params", params)
+
 
 DEFAULT_LIMITS = Limits()
 
@@ -98,8 +109,8 @@ ARRAY_RULES: dict[Kind, dict[str, ArrayRule]] = {
     Kind.END_OF_STREAM: {},
 }
 
-STREAM_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+STREAM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # used with fullmatch: `$` would let "x\n" in
+NAME_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 _INT63 = 2 ** 63
 
 # Header keys on the wire (short: the header travels with every bin).
@@ -154,17 +165,24 @@ def topic_for(kind: Kind | str, stream: str = "") -> bytes:
 
 @lru_cache(maxsize=4096)
 def _valid_stream(stream: str) -> bool:
-    return STREAM_RE.match(stream) is not None
+    return STREAM_RE.fullmatch(stream) is not None
 
 
 @lru_cache(maxsize=4096)
 def _valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+    return NAME_RE.fullmatch(name) is not None
 
 
 def _check_stream(stream) -> None:
     if type(stream) is not str or not _valid_stream(stream):
         raise WireError("field_value", f"bad stream id {stream!r}")
+
+
+@lru_cache(maxsize=4096)
+def _checked_topic(kind_value: str, stream: str) -> bytes:
+    """The topic, once `stream` passed `_check_stream` (one cache lookup per send)."""
+    _check_stream(stream)
+    return f"{kind_value}/{stream}".encode("ascii")
 
 
 def _to_wire_array(name: str, array: np.ndarray, limits: Limits) -> tuple[dict, memoryview]:
@@ -212,7 +230,11 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list:
     the receiver, which must check it anyway.
     """
     kind = msg.kind if type(msg.kind) is Kind else Kind(msg.kind)
-    _check_stream(msg.stream)
+    stream = msg.stream
+    if type(stream) is not str:
+        _check_stream(stream)  # raises
+    kind_value = kind._value_  # Enum's .value and hash() are Python-level calls: dear per message
+    topic = _checked_topic(kind_value, stream)
     specs, buffers = [], []
     for name, array in msg.arrays.items():
         if type(name) is not str or not _valid_name(name):
@@ -222,6 +244,19 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list:
         buffers.append(buffer)
     if len(buffers) + 2 > limits.max_frames:
         raise WireError("frames", f"{len(buffers)} arrays (max {limits.max_frames - 2})")
+    packed = None
+    if _FAST is not None:  # the same bytes as below, for plain built-in field values
+        packed = _FAST.pack_header(kind_value, stream, msg.seq, msg.bin_index, msg.t_start,
+                                   msg.t_stop, msg.stamps, msg.wall_ns, msg.meta, specs)
+    if packed is None:
+        packed = _pack_header(kind, msg, specs)
+    if len(packed) > limits.max_header_bytes:
+        raise WireError("header_size", f"{len(packed)} bytes (max {limits.max_header_bytes})")
+    return [topic, packed, *buffers]
+
+
+def _pack_header(kind: Kind, msg: Message, specs: list) -> bytes:
+    """The msgpack header; numpy scalars become Python values, anything else odd is refused."""
     header = {
         "v": SCHEMA_VERSION,
         "kind": kind.value,
@@ -236,12 +271,9 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list:
         "arrays": specs,
     }
     try:
-        packed = _PACKER(header)
+        return _PACKER(header)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError("field_type", str(exc)) from None
-    if len(packed) > limits.max_header_bytes:
-        raise WireError("header_size", f"{len(packed)} bytes (max {limits.max_header_bytes})")
-    return [topic_for(kind, msg.stream), packed, *buffers]
 
 
 _PACKER = msgpack.Packer(use_bin_type=True, default=_pack_default, autoreset=True).pack
@@ -302,14 +334,6 @@ def _time_field(header: dict, key: str) -> float:
     if not math.isfinite(value):
         raise WireError("nonfinite", f"'{key}' is not finite")
     return float(value)
-
-
-def _check_stamps(stamps, limits: Limits) -> None:
-    if type(stamps) is not dict or len(stamps) > limits.max_stamps:
-        raise WireError("field_type", "'stamps' must be a small map")
-    for stage, value in stamps.items():
-        if not _valid_name(stage) or type(value) is not int or not 0 <= value < _INT63:
-            raise WireError("field_value", f"bad stamp {stage!r}")
 
 
 def _check_meta(value, limits: Limits, depth: int = 0) -> None:
@@ -373,7 +397,10 @@ def _parse_array(spec, frame: memoryview, limits: Limits, rules: dict) -> tuple[
             raise WireError("dtype", f"array '{name}' dtype {dtype} does not fit its kind")
     array = np.frombuffer(frame, dtype=np_dtype)
     if len(shape) != 1:  # frombuffer already gives the 1-D shape (the byte count matched)
-        array = array.reshape(shape)
+        try:
+            array = array.reshape(shape)
+        except ValueError:  # zero-size, yet a dimension numpy cannot hold (e.g. [0, 2**63])
+            raise WireError("shape", f"array '{name}' has a bad shape {shape!r}") from None
     if array.flags.writeable:
         array.flags.writeable = False  # a view of the received frame: never edited in place
     if dtype in FLOAT_DTYPES and nbytes and not np.isfinite(array).all():
@@ -400,9 +427,22 @@ _NEG_INF, _POS_INF = float("-inf"), float("inf")
 def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
     """The `Message` in `frames` (bytes or zmq.Frame), or `WireError` saying why not.
 
-    Every rule of docs/PROTOCOL.md section 5 is checked. The common well-formed header takes
-    a fast path (a few combined type and range tests); anything that fails it is re-checked
-    field by field, in the documented order, for the precise reason.
+    Every rule of docs/PROTOCOL.md section 5 is checked. With the optional C extension
+    (`DECODE_PATH == "c"`), a valid message is recognised there; anything it is not sure of,
+    every bad message included, goes to `decode_python`, which gives the precise reason.
+    """
+    if _FAST is not None and limits.fast_params is not None:
+        parsed = _FAST.parse(frames, limits.fast_params)
+        if parsed is not None:
+            return _message_from_parts(frames, parsed)
+    return decode_python(frames, limits)
+
+
+def decode_python(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """`decode` in pure Python: the reference for every rule and for the reason of a rejection.
+
+    The common well-formed header takes a fast path (a few combined type and range tests);
+    anything that fails it is re-checked field by field, in the documented order.
     """
     if not 2 <= len(frames) <= limits.max_frames:
         raise WireError("frames", f"{len(frames)} frames (expected 2..{limits.max_frames})")
@@ -431,8 +471,8 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
     stamps = header["stamps"]
     if type(stamps) is not dict or len(stamps) > limits.max_stamps:
         raise WireError("field_type", "'stamps' must be a small map")
-    for stage, value in stamps.items():
-        if type(value) is not int or not 0 <= value < _INT63 or not _valid_name(stage):
+    for stage, value in stamps.items():  # msgpack may hand over bytes keys: not a stage name
+        if type(value) is not int or not 0 <= value < _INT63 or type(stage) is not str or not _valid_name(stage):
             raise WireError("field_value", f"bad stamp {stage!r}")
     meta = header["meta"]
     if type(meta) is not dict:
@@ -464,3 +504,45 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 _REQUIRED_ARRAYS = {kind: tuple(n for n, rule in rules.items() if rule.required)
                     for kind, rules in ARRAY_RULES.items()}
+
+
+# ---------------------------------------------------------------- optional C fast path
+
+
+def _message_from_parts(frames, parsed) -> Message:
+    """The Message for a header `_wirefast.parse` accepted (payloads already checked finite)."""
+    kind_index, stream, seq, bin_index, t_start, t_stop, stamps, wall_ns, meta, specs = parsed
+    arrays = {}
+    for index, (name, dtype, shape) in enumerate(specs, 2):
+        array = np.frombuffer(frames[index], dtype=_NP_DTYPES[dtype])
+        if len(shape) != 1:
+            array = array.reshape(shape)
+        if array.flags.writeable:
+            array.flags.writeable = False
+        arrays[name] = array
+    return Message(_FAST_KINDS[kind_index], stream, seq, bin_index, t_start, t_stop, stamps, wall_ns,
+                   meta, arrays)
+
+
+def _load_fast():
+    """The configured `_wirefast` module, or None (not built, switched off, or out of step)."""
+    if os.environ.get("SPIKEVAEDIFF_PURE_PYTHON_WIRE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _wirefast
+    except ImportError:  # built without a compiler: the pure-Python decode does everything
+        return None
+    if (_wirefast.HEADER_KEYS != _HEADER_KEYS or frozenset(_wirefast.DTYPES) != ALLOWED_DTYPES
+            or frozenset(_wirefast.FLOAT_DTYPES) != FLOAT_DTYPES):
+        return None  # a stale build of an older protocol: never half-understand
+    table = tuple((kind.value, tuple((name, rule.ndim, None if rule.dtypes is None else tuple(rule.dtypes),
+                                      rule.required, rule.last_dim)
+                                     for name, rule in ARRAY_RULES[kind].items()))
+                  for kind in _FAST_KINDS)
+    _wirefast.configure(SCHEMA_VERSION, _FAST_KINDS.index(Kind.STATUS), table)
+    return _wirefast
+
+
+_FAST_KINDS = tuple(Kind)
+_FAST = _load_fast()
+DECODE_PATH = "c" if _FAST is not None else "python"

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from spikevaediff.core.errors import UserError
-from spikevaediff.core.wire import Kind, Message, decode, encode
+from spikevaediff.core.wire import DECODE_PATH, Kind, Message, decode, encode
 
 from .lanes import LOSSLESS, Publisher, Receiver
 from .transport import Endpoint, Network, free_tcp_port, ipc_endpoint, tcp_endpoint
@@ -138,7 +138,8 @@ def bench_transport(transport: str = "tcp", iterations: int = 1000, warmup: int 
             bare_in.recv_multipart()
             return time.perf_counter_ns() - t0
 
-        result = {"transport": transport, "iterations": iterations, "warmup": warmup,
+        # Both processes load the wire module alike (SPIKEVAEDIFF_PURE_PYTHON_WIRE=1 forces Python).
+        result = {"transport": transport, "iterations": iterations, "warmup": warmup, "wire_path": DECODE_PATH,
                   "python": platform.python_version(), "pyzmq": zmq.__version__,
                   "libzmq": zmq.zmq_version(), "payloads": {}}
         for name, msg in payloads.items():
@@ -186,8 +187,9 @@ def _wait_bare_path(out: zmq.Socket, inbound: zmq.Socket, timeout_s: float) -> N
 
 def format_table(result: dict) -> str:
     """The result as a small text table (times in microseconds, round trip)."""
+    path = {"c": "C accelerator", "python": "pure Python"}.get(result.get("wire_path"), "?")
     lines = [f"transport {result['transport']}, {result['iterations']} round trips per payload "
-             f"(pyzmq {result['pyzmq']}, libzmq {result['libzmq']})",
+             f"(pyzmq {result['pyzmq']}, libzmq {result['libzmq']}); wire decode: {path}",
              f"{'payload':<10} {'bytes':>8} {'ours p50':>9} {'bare p50':>9} {'ratio':>6} "
              f"{'ours p99':>9} {'bare p99':>9} {'ratio':>6} {'enc':>6} {'dec':>6}"]
     for name, r in result["payloads"].items():

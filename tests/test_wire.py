@@ -243,6 +243,25 @@ def test_wrong_field_types_and_values_are_rejected(changes, reason):
     assert _reason(_with_header(_wire(_message()), **changes)) == reason
 
 
+def test_names_with_a_trailing_newline_are_rejected():
+    # a `$` regex lets "x\n" through; the spec allows only the listed characters
+    good = _wire(_message())
+    stream = _message().stream + "\n"
+    assert _reason([b"counts/" + stream.encode(), *_with_header(good, stream=stream)[1:]]) == "field_value"
+    assert _reason(_with_header(good, stamps={"replay_send\n": 1})) == "field_value"
+    with pytest.raises(WireError, match="field_value"):
+        encode(_message(stream=stream))
+
+
+def test_odd_keys_and_shapes_are_wire_errors_not_crashes():
+    good = _wire(_message())
+    assert _reason(_with_header(good, stamps={b"replay_send": 1})) == "field_value"  # bytes key
+    header = msgpack.unpackb(good[1], raw=False)
+    for shape in ([0, 2 ** 63], [0, 2 ** 62, 2 ** 62]):  # zero bytes, yet too big for numpy
+        arrays = [*header["arrays"], {"name": "empty", "dtype": "<f4", "shape": shape}]
+        assert _reason([*_with_header(good, arrays=arrays), b""]) == "shape"
+
+
 def test_frame_count_and_topic_must_match_the_header():
     good = _wire(_message())
     assert _reason(good[:1]) == "frames"
