@@ -18,6 +18,18 @@ from .config import CLIP_IMAGE_TOKENS, CLIP_TEXT_TOKENS, ModelProfile
 from .errors import UserError
 
 
+def load_image_processor(path, **kwargs):
+    """CLIP's image processor saved in `path`. Some transformers 5 releases make AutoImageProcessor
+    demand torchvision; the PIL implementation (same config, same pixels) serves there."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except ImportError:
+        cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+
+
 def as_rgb_list(images) -> list[np.ndarray]:
     """uint8 [N,H,W] (grey) or [N,H,W,3] -> list of HxWx3 uint8 arrays; UserError otherwise."""
     images = np.asarray(images)
@@ -40,7 +52,7 @@ class ClipEncoder:
 
     def __init__(self, profile: ModelProfile, device: str = "cpu", batch_size: int = 64, dtype=None):
         import torch
-        from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel, CLIPTokenizer
 
         profile.require("clip")
         path = profile.path("clip")
@@ -52,8 +64,7 @@ class ClipEncoder:
         self.model = CLIPModel.from_pretrained(path, local_files_only=True, **extra)
         self.model.to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-        # AutoImageProcessor picks the PIL backend by itself when torchvision is absent.
-        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.processor = load_image_processor(path)
         if self.embed_dim != profile.embed_dim:
             raise UserError(f"CLIP at {path} projects to {self.embed_dim} dimensions but profile "
                             f"'{profile.name}' expects {profile.embed_dim}")

@@ -87,8 +87,9 @@ def write_tiny_versatile_diffusion(out_dir, clip_dir, seed: int = 0) -> Path:
     """
     import torch
     from diffusers import DDIMScheduler, VersatileDiffusionPipeline
-    from transformers import (AutoImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from .clip import load_image_processor
 
     from .tiny import write_atomically
     from .vd_loader import quiet_hf_logging
@@ -108,7 +109,7 @@ def write_tiny_versatile_diffusion(out_dir, clip_dir, seed: int = 0) -> Path:
         vae.register_to_config(scaling_factor=unit_variance_scale(vae, seed))
         pipe = VersatileDiffusionPipeline(
             tokenizer=CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True),
-            image_feature_extractor=AutoImageProcessor.from_pretrained(clip_dir, local_files_only=True),
+            image_feature_extractor=load_image_processor(clip_dir),
             text_encoder=text_encoder,
             image_encoder=CLIPVisionModelWithProjection.from_pretrained(clip_dir, local_files_only=True),
             image_unet=image_unet, text_unet=text_unet, vae=vae,

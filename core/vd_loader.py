@@ -121,9 +121,9 @@ def _load_parts(path: Path, dtype=None) -> dict:
     """Every component of the folder, each with its own class (text_unet None when absent)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import (AutoImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
+    from .clip import load_image_processor
     from .vd_compat import load_text_unet
 
     folder = str(path)
@@ -141,8 +141,7 @@ def _load_parts(path: Path, dtype=None) -> dict:
                 folder, subfolder="text_encoder", **common).eval(),
             image_encoder=CLIPVisionModelWithProjection.from_pretrained(
                 folder, subfolder="image_encoder", **common).eval(),
-            image_feature_extractor=AutoImageProcessor.from_pretrained(
-                folder, subfolder="image_feature_extractor", local_files_only=True),
+            image_feature_extractor=load_image_processor(path / "image_feature_extractor"),
         )
 
 
