@@ -41,21 +41,39 @@ class UNetBackend(ABC):
 
 
 class TorchUNetBackend(UNetBackend):
-    """The diffusers UNet itself, eager or compiled with `torch.compile`."""
+    """The diffusers UNet itself, eager or compiled with `torch.compile`.
+
+    `compile`: False (eager), True (torch.compile's default mode) or a torch.compile mode name;
+    "reduce-overhead" replays the whole step as one CUDA graph on a GPU, the closest torch
+    gets to a static-shape TensorRT engine. A graph's outputs live in memory the next replay
+    overwrites, so this backend hands back a copy in that mode.
+    """
 
     name = "torch"
+    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-    def __init__(self, unet: torch.nn.Module, compile: bool = False):
+    def __init__(self, unet: torch.nn.Module, compile: bool | str = False):
+        if compile is True:
+            compile = "default"
+        if compile and compile not in self.COMPILE_MODES:
+            raise UserError(f"unknown torch.compile mode '{compile}' (choose from {', '.join(self.COMPILE_MODES)})")
         self.unet = unet
+        self.compile_mode = compile or None
         self.compiled = bool(compile)
-        self._forward = torch.compile(unet) if compile else unet
+        self._graphs = compile in ("reduce-overhead", "max-autotune")
+        self._forward = torch.compile(unet, mode=compile) if compile else unet
 
     @torch.no_grad()
     def __call__(self, latents, t, context):
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._forward(latents, t, encoder_hidden_states=context, return_dict=False)[0].clone()
         return self._forward(latents, t, encoder_hidden_states=context, return_dict=False)[0]
 
     def describe(self) -> str:
-        return "torch (compiled)" if self.compiled else "torch (eager)"
+        if not self.compiled:
+            return "torch (eager)"
+        return "torch (compiled)" if self.compile_mode == "default" else f"torch (compiled, {self.compile_mode})"
 
 
 def make_backend(name: str, unet: torch.nn.Module, **options) -> UNetBackend:

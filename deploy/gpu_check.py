@@ -3,12 +3,16 @@
 
     python deploy/gpu_check.py [--weights DIR] [--json OUT.json]      (or deploy/gpu_check.sh)
 
-Runs the tiny profile (random-weight models written to a temporary folder) and, when the
-published weights are present (--weights DIR or $SPIKEVAEDIFF_WEIGHTS, or the local Hugging Face
-cache), the paper profile, each through torch eager, ONNX Runtime (best provider: TensorRT EP >
-CUDA EP > CPU), a TensorRT engine and torch.compile. Per backend: ms per UNet step (one guided
-batch of 2), ms per image at 5 steps (DPM-Solver++) and at 37 steps (the paper's DDIM 50 x 0.75),
-and the max abs difference from torch eager (UNet output, and the 5-step image in 0..1).
+Runs the tiny profile (random-weight models written to a temporary folder), the paper profile
+when the published weights are present (--weights DIR or $SPIKEVAEDIFF_WEIGHTS), and
+`paper-shapes`: the published architectures with random weights, built on the device, which
+time exactly what the paper profile costs where its weights are absent (its images are noise).
+Each goes through torch eager, ONNX Runtime (CUDA provider on a GPU), a TensorRT engine,
+torch.compile and torch.compile with CUDA graphs ("reduce-overhead"). Per backend: ms per UNet
+step (one guided batch of 2), ms per image at 5 steps (DPM-Solver++) and at 37 steps (the
+paper's DDIM 50 x 0.75), and the max abs difference from torch eager (UNet output, and the
+5-step image in 0..1). A decoder line times the preview path at the published sizes: the ridge
+projection of 500 units to the 91,168 VDVAE latents plus the imagenet64 VDVAE decode.
 
 Installs nothing: a backend whose package does not import, or a profile without weights, is a row
 that says why. A time budget (default 7 min) skips what would not finish; exported files and
@@ -27,10 +31,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "replay", "services", "training")
-BACKENDS = ("torch", "onnx", "tensorrt", "torch.compile")
+BACKENDS = ("torch", "onnx", "tensorrt", "torch.compile", "torch.cudagraphs")
+PROFILES = ("tiny", "paper", "paper-shapes")
 # Rough seconds each backend needs before its first step (export, engine build, compilation).
-SETUP_S = {"tiny": {"torch": 5, "onnx": 30, "tensorrt": 90, "torch.compile": 90},
-           "paper": {"torch": 10, "onnx": 150, "tensorrt": 330, "torch.compile": 180}}
+_PAPER_SETUP = {"torch": 10, "onnx": 150, "tensorrt": 330, "torch.compile": 150, "torch.cudagraphs": 150}
+SETUP_S = {"tiny": {"torch": 5, "onnx": 30, "tensorrt": 90, "torch.compile": 60, "torch.cudagraphs": 60},
+           "paper": _PAPER_SETUP, "paper-shapes": _PAPER_SETUP}
 
 
 def import_project():
@@ -144,40 +150,64 @@ def measure(refiner, inputs, reference, sync, repeats: int) -> dict:
     return row, reference
 
 
-def run_profile(profile, args, deadline: float, cache: Path) -> list[dict]:
+def model_dtype(args):
+    import torch
+
+    return torch.float16 if args.device.startswith("cuda") and args.dtype == "float16" else torch.float32
+
+
+def device_sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def components_loader(name: str, profile):
+    """(device, dtype) -> VDComponents for profile `name`."""
+    if name == "paper-shapes":
+        from spikevaediff.core.vd_shapes import paper_shaped_components
+
+        return lambda device, dtype: paper_shaped_components(device, dtype)
+    from spikevaediff.core.vd_loader import load_versatile_diffusion
+
+    return lambda device, dtype: load_versatile_diffusion(profile.path("versatile_diffusion"), device, dtype)
+
+
+def run_profile(profile_name: str, load_components, args, deadline: float, cache: Path) -> list[dict]:
     import numpy as np
     import torch
 
     from spikevaediff.core.config import CLIP_IMAGE_TOKENS, CLIP_TEXT_TOKENS
     from spikevaediff.core.refiner import Refiner
-    from spikevaediff.core.vd_loader import load_versatile_diffusion
 
     device = args.device
-    dtype = torch.float16 if device.startswith("cuda") and args.dtype == "float16" else torch.float32
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    components = load_versatile_diffusion(profile.path("versatile_diffusion"), device=device, dtype=dtype)
+    sync = device_sync(device)
+    dtype = model_dtype(args)
+    components = load_components(device, dtype)
     rng = np.random.default_rng(0)
     dim, side = components.embed_dim, args.image_size // 8
     generator = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(2, 4, side, side, generator=generator).to(device, dtype), torch.tensor(500),
+    inputs = (torch.randn(2, 4, side, side, generator=generator).to(device, dtype),
+              torch.tensor(500, device=device),  # on the device, as the refiner's own timesteps
               torch.randn(2, CLIP_TEXT_TOKENS + CLIP_IMAGE_TOKENS, dim, generator=generator).to(device, dtype),
               rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
               rng.standard_normal((CLIP_IMAGE_TOKENS, dim)).astype(np.float32),
               rng.standard_normal((CLIP_TEXT_TOKENS, dim)).astype(np.float32))
     options = {"torch": ("torch", {}), "torch.compile": ("torch", {"compile": True}),
+               "torch.cudagraphs": ("torch", {"compile": "reduce-overhead"}),
                "onnx": ("onnx", {"cache_dir": cache, "providers": onnx_providers(device),
                                  "device_id": torch.device(device).index or 0}),
                "tensorrt": ("tensorrt", {"cache_dir": cache, "device": device})}
     rows, reference = [], None
     for name in args.backends:
-        row = {"profile": profile.name, "name": name}
+        row = {"profile": profile_name, "name": name}
         left = deadline - time.monotonic()
-        if name == "torch.compile" and not device.startswith("cuda") and not args.compile_on_cpu:
+        if name.startswith("torch.c") and not device.startswith("cuda") and not args.compile_on_cpu:
             row["skipped"] = "torch.compile on the CPU is off (needs a C++ toolchain; --compile-on-cpu)"
         elif name == "onnx" and not onnx_providers(device):
             row["skipped"] = "onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
-        elif left < SETUP_S[profile.name][name]:
-            row["skipped"] = f"time budget: {left:.0f} s left, needs ~{SETUP_S[profile.name][name]} s"
+        elif left < SETUP_S[profile_name][name]:
+            row["skipped"] = f"time budget: {left:.0f} s left, needs ~{SETUP_S[profile_name][name]} s"
         else:
             try:
                 backend, extra = options[name]
@@ -196,15 +226,79 @@ def run_profile(profile, args, deadline: float, cache: Path) -> list[dict]:
         torch.cuda.empty_cache()
     return rows
 
+def time_decoder(args, units: int = 500, repeats: int = 50) -> dict:
+    """The decoder's per-bin work at the published sizes, random weights, fp32 as the service runs it.
 
-HEADER = (f"{'profile':<7} {'backend':<30} {'ms/step':>9} {'ms/img 5':>9} {'ms/img 37':>10} "
+    preview = counts (host) -> device, projection to the 91,168 VDVAE latents, imagenet64 VDVAE
+    decode at k=31, image back to the host, eagerly and as the decoder service runs it
+    (`PreviewDecoder`: one CUDA graph); clip = the two CLIP projections a refine bin adds.
+    """
+    import numpy as np
+    import torch
+
+    from spikevaediff.core.config import CLIP_IMAGE_TOKENS, CLIP_TEXT_TOKENS
+    from spikevaediff.core.preview import PreviewDecoder
+    from spikevaediff.core.ridge import RidgeRegression
+    from spikevaediff.core.vdvae import VDVAE
+
+    device, sync = args.device, device_sync(args.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vdvae = VDVAE("imagenet64").to(device).eval()
+    width = vdvae.latent_dim()
+    # Ridges of the published widths fitted (on the device) to random targets: the decoder's
+    # own projection path, RidgeRegression.project, at its real size.
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, (600, units)).astype(np.float32)
+    ridges = {name: RidgeRegression(alpha=5e4, device=device).fit(
+                  x, rng.standard_normal((600, q), dtype=np.float32))
+              for name, q in (("vdvae", width), ("clip_vision", CLIP_IMAGE_TOKENS * 768),
+                              ("clip_text", CLIP_TEXT_TOKENS * 768))}
+    counts = rng.poisson(2.0, units).astype(np.float32)
+
+    def project(name):
+        return ridges[name].project(counts)
+
+    def eager():  # what decode_latents does: every block launched from Python
+        return vdvae.decode_latents(project("vdvae")[None], seed=0)[0]
+
+    decoder = PreviewDecoder(vdvae, seed=0)  # the decoder service's path (one CUDA graph on a GPU)
+
+    def preview():
+        return decoder(project("vdvae"))
+
+    def clip():
+        return [project(name).cpu() for name in ("clip_vision", "clip_text")]
+
+    row = {"units": units, "vdvae_latents": width, "device": device, "preview": decoder.describe(),
+           "vdvae_parameters": sum(p.numel() for p in vdvae.parameters())}
+    row["projection_ms"] = median_ms(lambda: project("vdvae"), repeats, sync)
+    row["preview_eager_ms"] = median_ms(eager, repeats, sync)
+    row["preview_ms"] = median_ms(preview, repeats, sync)
+    row["preview_ratio"] = row["preview_ms"] / row["preview_eager_ms"]
+    row["same_image"] = bool(np.array_equal(eager(), preview()))
+    row["clip_projection_ms"] = median_ms(clip, repeats, sync)
+    del vdvae, ridges, decoder
+    return row
+
+
+def format_decoder(row: dict) -> str:
+    return (f"decoder at published sizes ({row['units']} units -> {row['vdvae_latents']:,} VDVAE latents, "
+            f"imagenet64 VDVAE {row['vdvae_parameters'] / 1e6:.0f}M parameters, fp32): "
+            f"projection {row['projection_ms']:.2f} ms; preview (projection + decode) eager "
+            f"{row['preview_eager_ms']:.2f} ms, {row['preview']} {row['preview_ms']:.2f} ms "
+            f"(ratio {row['preview_ratio']:.2f}, same image: {row['same_image']}); "
+            f"CLIP projections of a refine bin {row['clip_projection_ms']:.2f} ms")
+
+
+HEADER = (f"{'profile':<12} {'backend':<32} {'ms/step':>9} {'ms/img 5':>9} {'ms/img 37':>10} "
           f"{'step diff':>10} {'img diff':>9} {'setup s':>8}")
 
 
 def format_row(row: dict) -> str:
     if "skipped" in row:
-        return f"{row['profile']:<7} {row['name']:<30} skipped: {row['skipped']}"
-    return (f"{row['profile']:<7} {row['backend']:<30} {row['step_ms']:9.2f} {row['image_5_ms']:9.1f} "
+        return f"{row['profile']:<12} {row['name']:<32} skipped: {row['skipped']}"
+    return (f"{row['profile']:<12} {row['backend']:<32} {row['step_ms']:9.2f} {row['image_5_ms']:9.1f} "
             f"{row['image_37_ms']:10.1f} {row['step_diff']:10.2e} {row['image_diff']:9.2e} {row['first_call_s']:8.1f}")
 
 
@@ -217,7 +311,9 @@ def main(argv=None) -> int:
                         help="model precision on CUDA (the CPU always runs float32)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    parser.add_argument("--profiles", nargs="+", choices=("tiny", "paper"), default=["tiny", "paper"])
+    parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES),
+                        help="paper-shapes: the published architectures with random weights (timing only)")
+    parser.add_argument("--no-decoder", action="store_true", help="skip the decoder line")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (x3 for single steps)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this")
     parser.add_argument("--cache", type=Path, default=None, help="where exported UNets and engines go")
@@ -236,19 +332,31 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(environment(args.device)), flush=True)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="spikevaediff-engines-"))
+    decoder = None
+    if not args.no_decoder:
+        try:
+            decoder = time_decoder(args, repeats=10 * args.repeats)
+            print(format_decoder(decoder), flush=True)
+        except Exception as exc:  # the refiner table must still come
+            decoder = {"skipped": f"{exc.__class__.__name__}: {exc}"}
+            print(f"decoder: skipped: {decoder['skipped']}", flush=True)
     print(HEADER, flush=True)
     rows = []
     for name in args.profiles:
-        profile = tiny_profile(args.weights) if name == "tiny" else paper_profile(args.weights)
+        if name == "paper-shapes":
+            profile = "random weights"
+        else:
+            profile = tiny_profile(args.weights) if name == "tiny" else paper_profile(args.weights)
         if profile is None:
             row = {"profile": name, "name": "-", "skipped": "no published Versatile Diffusion weights found "
                    "(--weights DIR or $SPIKEVAEDIFF_WEIGHTS)"}
             print(format_row(row), flush=True)
             rows.append(row)
             continue
-        rows += run_profile(profile, args, deadline, cache)
+        rows += run_profile(name, components_loader(name, profile), args, deadline, cache)
     if args.json:
-        args.json.write_text(json.dumps({"environment": environment(args.device), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"environment": environment(args.device), "decoder": decoder,
+                                         "rows": rows}, indent=2))
     return 0 if any("skipped" not in r for r in rows) else 1
 
 

@@ -351,3 +351,29 @@ def test_refine_command_writes_a_png(vd_folder, tmp_path, capsys):
     assert code == 2 and "vision embedding must be [257,64]" in err and "Traceback" not in err
     assert main(["refine", "--weights", weights, "--out", str(out)]) == 2
     assert "--demo" in capsys.readouterr().err
+
+
+def test_paper_shaped_models_have_the_published_parameter_counts():
+    """gpu_check times the paper profile on these random-weight twins: their sizes must be the
+    published ones (SD/VD UNet, SD VAE, CLIP ViT-L/14 towers), counted without allocating."""
+    from spikevaediff.core import vd_shapes
+
+    with torch.device("meta"):
+        counts = {"unet": vd_shapes.paper_image_unet(), "vae": vd_shapes.paper_vae()}
+        counts["text"], counts["vision"] = vd_shapes.clip_l14_towers(eos_id=2)
+    counts = {name: vd_shapes.parameter_count(model) for name, model in counts.items()}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text": 123_650_304, "vision": 303_966_208}
+    components = vd_shapes.paper_shaped_components("meta")
+    assert components.embed_dim == 768
+    # dual attention: every cross-attention transformer gained a text twin of the same size
+    assert vd_shapes.parameter_count(components.image_unet) > counts["unet"]
+
+
+def test_materialise_gives_meta_modules_fresh_weights():
+    from spikevaediff.core.vd_shapes import materialise
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    assert materialise(model, "cpu") == 2
+    assert all(not p.is_meta and torch.isfinite(p).all() for p in model.parameters())
+    assert model[0].weight.abs().sum() > 0  # drawn, not left as uninitialised zeros
