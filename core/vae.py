@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import noise_tape
 from .errors import UserError
 from .vdvae import (LatentImageModel, check_batch, normalise_input, read_checkpoint_meta,
                     to_unit_range)
@@ -194,7 +195,7 @@ class GaussianOut(nn.Module):
     def sample(self, h, generator=None, pixels: str = "mode"):
         mean = self.forward(h)
         if pixels == "sample":
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = noise_tape.randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
             mean = mean + torch.exp(self.log_sigma) * noise
         return mean.clamp(-1, 1)
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import noise_tape
+
 # ---------------------------------------------------------------------------------------------
 # Gaussians
 
@@ -30,7 +32,7 @@ def gaussian_kl(mu_q, mu_p, logsigma_q, logsigma_p):
 
 def gaussian_sample(mu, logsigma, generator: torch.Generator | None = None):
     """One draw from N(mu, exp(logsigma)^2), optionally from a seeded generator."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    eps = noise_tape.randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(logsigma) * eps
 
 
@@ -290,16 +292,16 @@ class DmolNet(nn.Module):
         the most likely component's centre)."""
         logits, means, log_scales, coeffs = self._params(px_z)
         if pixels == "sample":
-            u = torch.rand(logits.shape, generator=generator, device=logits.device,
-                           dtype=logits.dtype) * (1 - 2e-5) + 1e-5
+            u = noise_tape.rand(logits.shape, generator, device=logits.device,
+                                dtype=logits.dtype) * (1 - 2e-5) + 1e-5
             logits = logits - torch.log(-torch.log(u))  # Gumbel-max picks a component
         pick = F.one_hot(logits.argmax(dim=-1), self.num_mixtures).to(means.dtype).unsqueeze(3)
         mean = (means * pick).sum(-1)
         log_s = (log_scales * pick).sum(-1)
         coef = (coeffs * pick).sum(-1)
         if pixels == "sample":
-            u = torch.rand(mean.shape, generator=generator, device=mean.device,
-                           dtype=mean.dtype) * (1 - 2e-5) + 1e-5
+            u = noise_tape.rand(mean.shape, generator, device=mean.device,
+                                dtype=mean.dtype) * (1 - 2e-5) + 1e-5
             mean = mean + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
         x0 = mean[..., 0].clamp(-1, 1)
         x1 = (mean[..., 1] + coef[..., 0] * x0).clamp(-1, 1)

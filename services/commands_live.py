@@ -125,6 +125,11 @@ def register_run(subparsers) -> None:
     run.add_argument("--backend", choices=("torch", "onnx", "tensorrt"), default=None,
                      help="refiner UNet backend")
     run.add_argument("--backend-path", type=Path, default=None, help="ONNX file or TensorRT engine")
+    run.add_argument("--device", default="cpu",
+                     help="cpu, cuda or cuda:N: where the decoder and refiners run (on a GPU the "
+                          "refiner runs float16 with CUDA graphs)")
+    run.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default=None,
+                     help="torch.compile mode of the refiner's UNet (default: reduce-overhead on a GPU, none on the CPU)")
     run.add_argument("--transport", choices=("tcp", "ipc"), default="tcp", help="loopback transport")
     run.add_argument("--threads", type=int, default=1, help="torch/BLAS threads per service")
     run.add_argument("--curve-dir", type=Path, default=None,
@@ -150,7 +155,7 @@ def run_run(args) -> int:
         weights_dir=str(args.weights or ""), n_refiners=args.refiners,
         refiner_steps=args.refiner_steps, refiner_strength=args.refiner_strength,
         backend=args.backend, backend_path=str(args.backend_path or ""), transport=args.transport,
-        threads=args.threads, curve_dir=str(args.curve_dir or ""))
+        threads=args.threads, curve_dir=str(args.curve_dir or ""), device=args.device, compile=args.compile)
     outcome, summary = run_live(config, ready_timeout_s=args.ready_timeout)
     if summary is not None and (outcome.reason != "failed" or summary["counts"]["recorded"]):
         print(format_summary(summary))

@@ -49,12 +49,20 @@ def build_refiner(profile, settings, log):
     from spikevaediff.core.refiner import Refiner
     from spikevaediff.core.vd_loader import load_versatile_diffusion
 
+    import torch
+
     profile.require("versatile_diffusion")
-    components = load_versatile_diffusion(profile.path("versatile_diffusion"), device=settings.device)
+    on_cuda = settings.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise UserError(f"the refiner is set to run on {settings.device}, but torch sees no CUDA device here")
+    dtype = torch.float16 if on_cuda and settings.precision == "float16" else torch.float32
+    components = load_versatile_diffusion(profile.path("versatile_diffusion"), device=settings.device, dtype=dtype)
     common = dict(scheduler=settings.scheduler, steps=settings.steps, strength=settings.strength,
                   guidance_scale=settings.guidance_scale, text_share=settings.text_share,
                   device=settings.device)
     options = {"path": settings.backend_path} if settings.backend_path else {}
+    if settings.backend == "torch" and settings.compile:
+        options = {"compile": settings.compile}
     try:
         return Refiner.from_components(components, backend=settings.backend, backend_options=options, **common)
     except MissingWeightsError:

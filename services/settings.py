@@ -7,12 +7,14 @@ service fails at start with one clear line, not mid-stream.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spikevaediff.core.errors import UserError
 
 SERVICES = ("replay", "decoder", "refiner", "recorder")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")  # the torch UNet backend's
 
 
 @dataclass
@@ -61,6 +63,8 @@ class RefinerSettings:
     skip_similarity: float = 0.0        # >0: skip a request whose embeddings have cosine >= this to the last refined
     seed: int = 0
     device: str = "cpu"
+    precision: str = "float32"          # "float16" halves the work on a CUDA device (the CPU runs float32)
+    compile: str = ""                   # torch backend: "" eager, or a torch.compile mode ("reduce-overhead" = CUDA graphs)
     nice: int = 10                      # CPU refiners run at lower priority than the decoder (0: off)
 
 
@@ -84,6 +88,7 @@ class ServiceConfig:
     curve_dir: str = ""                 # folder of CURVE keys: enables encryption/authentication on tcp
     heartbeat_s: float = 1.0
     preview_seed: int = 0
+    decoder_device: str = "cpu"         # "cuda": ridge projections and the preview decode (one CUDA graph) on the GPU
     decoder_catch_up: bool = True       # under overload decode only the newest queued bin (skips counted)
 
     def validate(self) -> "ServiceConfig":
@@ -103,6 +108,14 @@ class ServiceConfig:
             raise UserError(f"refiner strength must be in (0, 1], got {self.refiner.strength}")
         if self.refiner.steps < 1:
             raise UserError("refiner steps must be >= 1")
+        for what, device in (("decoder_device", self.decoder_device), ("refiner device", self.refiner.device)):
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+                raise UserError(f"{what} must be cpu, cuda or cuda:N, got '{device}'")
+        if self.refiner.precision not in ("float32", "float16"):
+            raise UserError(f"refiner precision must be float32 or float16, got '{self.refiner.precision}'")
+        if self.refiner.compile not in COMPILE_MODES:
+            raise UserError(f"refiner compile must be one of {', '.join(repr(m) for m in COMPILE_MODES)}, "
+                            f"got '{self.refiner.compile}'")
         for name, value in asdict(self.endpoints).items():
             if not value.startswith(("tcp://", "ipc://", "inproc://")):
                 raise UserError(f"endpoint {name} must be tcp://, ipc:// or inproc://, got '{value}'")

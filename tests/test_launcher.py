@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spikevaediff.core.errors import UserError
 from spikevaediff.services.settings import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ def test_run_bad_options_are_one_line(tmp_path, small_session, trained_bundle):
         (["--session", small_session, "--speed", "0"], "speed must be > 0"),
         (["--session", small_session, "--profile", "paper"], "does not match the bundle"),
         (["--session", small_session, "--refiners", "-1"], "--refiners"),
+        (["--session", small_session, "--device", "gpu0"], "must be cpu, cuda or cuda:N"),
     ]
     for extra, expected in cases:
         result = _cli("run", "--bundle", trained_bundle, "--out", tmp_path / "run", *extra)
@@ -114,7 +116,8 @@ def test_deploy_configs_load_and_compose_is_wired():
         build = services[name]["build"]
         assert ((ROOT / "deploy" / build["context"]).resolve() / build["dockerfile"]).is_file()
         assert "/config/live.json" in command and "./live.compose.json:/config/live.json:ro" in services[name]["volumes"]
-    assert "gpu" in json.dumps(services["refiner"].get("deploy", {}))
+    for name in ("decoder", "refiner"):  # the published VDVAE and VD both need the GPU to keep up
+        assert "gpu" in json.dumps(services[name].get("deploy", {}))
 
 
 # ------------------------------------------------------------------ live runs
@@ -226,3 +229,36 @@ def test_default_pinning_gives_the_decoder_a_core_of_its_own():
         ServiceConfig(cpus={"decoder": []}).validate()
     with pytest.raises(Exception, match="unknown service"):
         ServiceConfig(cpus={"gpu": [0]}).validate()
+
+
+def test_devices_precision_and_compile_mode_are_validated():
+    from spikevaediff.services.settings import RefinerSettings
+
+    config = ServiceConfig(decoder_device="cuda:1",
+                           refiner=RefinerSettings(device="cuda", precision="float16",
+                                                   compile="reduce-overhead")).validate()
+    assert config.decoder_device == "cuda:1"
+    for bad, match in ((dict(decoder_device="gpu"), "decoder_device"),
+                       (dict(refiner=RefinerSettings(device="cuda0")), "refiner device"),
+                       (dict(refiner=RefinerSettings(precision="bfloat8")), "precision"),
+                       (dict(refiner=RefinerSettings(compile="fast")), "compile")):
+        with pytest.raises(UserError, match=match):
+            ServiceConfig(**bad).validate()
+
+
+def test_run_config_on_a_gpu_puts_decoder_and_refiner_there(tmp_path, small_session, trained_bundle,
+                                                            monkeypatch):
+    import torch
+
+    from spikevaediff.services.run_config import build_run_config
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            build_run_config([small_session], trained_bundle, tmp_path / "run", device="cuda")
+        # the rest is plain configuration: check it as a GPU host would build it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = build_run_config([small_session], trained_bundle, tmp_path / "run", device="cuda:0")
+    assert (config.decoder_device, config.refiner.device) == ("cuda:0", "cuda:0")
+    assert (config.refiner.precision, config.refiner.compile) == ("float16", "reduce-overhead")
+    config = build_run_config([small_session], trained_bundle, tmp_path / "run", compile="default")
+    assert (config.decoder_device, config.refiner.compile, config.refiner.precision) == ("cpu", "default", "float32")
