@@ -281,8 +281,9 @@ class Refiner:
     def _check_embeddings(self, vision, text, batch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         def as_batch(x, tokens: int, what: str) -> torch.Tensor:
             try:
-                x = torch.as_tensor(np.asarray(x.detach().float().cpu() if torch.is_tensor(x) else x,
-                                               dtype=np.float32))
+                # a copy: received arrays are read-only views, which torch warns about
+                x = torch.from_numpy(np.array(x.detach().float().cpu() if torch.is_tensor(x) else x,
+                                              dtype=np.float32))
             except (TypeError, ValueError) as exc:
                 raise UserError(f"{what} embedding is not a numeric array ({exc})") from exc
             x = x[None] if x.ndim == 2 else x

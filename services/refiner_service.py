@@ -97,7 +97,13 @@ class RefinerWorker:
         profile = ModelProfile(m.profile, config.weights_dir or m.weights_dir, device=self.settings.device)
         ensure_offline_models(profile, ("versatile_diffusion",))
         self.refiner = build_refiner(profile, self.settings, runtime.log)
-        self.uncond_text = self.refiner.unconditional()[1]  # for bundles without a text ridge
+        uncond_vision, self.uncond_text = self.refiner.unconditional()  # text: for bundles without a text ridge
+        # Warm-up before saying ready: one whole refine, so torch.compile / CUDA-graph capture and
+        # first allocations happen now (40 s on a GPU with compile), not on the first request.
+        start = time.perf_counter()
+        self.refiner.refine(np.full((64, 64, 3), 128, np.uint8), uncond_vision, self.uncond_text,
+                            seed=self.settings.seed)
+        runtime.log.info("warm-up refine took %.1f s", time.perf_counter() - start)
 
         peer = "decoder" if config.curve_dir else None
         net = runtime.net
