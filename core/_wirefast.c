@@ -13,7 +13,7 @@
  * builds the numpy views of the payload frames (already checked finite here).
  *
  * The kinds and their array rules come from Python (configure), so ARRAY_RULES in
- * wire.py stays the one place they are written down.
+ * wire_schema.py stays the one place they are written down.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -278,7 +278,6 @@ def time_decoder(args, units: int = 500, repeats: int = 50) -> dict:
     row["preview_ratio"] = row["preview_ms"] / row["preview_eager_ms"]
     row["same_image"] = bool(np.array_equal(eager(), preview()))
     row["clip_projection_ms"] = median_ms(clip, repeats, sync)
-    del vdvae, ridges, decoder
     return row
 
 
