@@ -114,7 +114,7 @@ def _hop_stats(values) -> dict:
 
 def bench_live(sessions, bundle_dir, out: Path, duration: float = 20.0, speed: float = 1.0,
                warmup_s: float = 2.0, n_refiners: int = 1, refiner_steps: int | None = None,
-               backend: str | None = None, transport: str = "tcp", seed: int = 0) -> dict:
+               backend: str | None = None, transport: str = "tcp", seed: int = 0, device: str = "cpu") -> dict:
     """Run the live system and measure it, excluding the first `warmup_s` of neural time."""
     import numpy as np
 
@@ -125,13 +125,13 @@ def bench_live(sessions, bundle_dir, out: Path, duration: float = 20.0, speed: f
 
     config = build_run_config(sessions, bundle_dir, out, speed=speed, duration=duration + warmup_s,
                               n_refiners=n_refiners, refiner_steps=refiner_steps, backend=backend,
-                              transport=transport)
+                              transport=transport, device=device)
     config.preview_seed = config.refiner.seed = seed
     config.validate()
     outcome, summary = run_live(config)
     rec = read_recording(Path(config.out) / "recording.h5", images=False)
     result = {"reason": outcome.reason, "duration_s": duration, "warmup_s": warmup_s, "speed": speed,
-              "n_refiners": n_refiners, "hops": {}}
+              "n_refiners": n_refiners, "device": device, "hops": {}}
     t_start = rec["counts"]["t0"].min() if rec["counts"]["n"] else 0.0
     for group, hops in (("preview", PREVIEW_HOPS), ("refined", REFINED_HOPS)):
         data = rec[group]
@@ -178,8 +178,10 @@ def latency_plot(path: Path, live: dict) -> None:
 
 
 def run_bench(sessions, bundle_dir, out, stages=STAGES, duration: float = 20.0, speed: float = 1.0,
-              seed: int = 0, quick: bool = False, transport: str = "tcp") -> dict:
-    """Run the chosen stages and write bench.json + bench.md (+ latency.png)."""
+              seed: int = 0, quick: bool = False, transport: str = "tcp", device: str = "cpu") -> dict:
+    """Run the chosen stages and write bench.json + bench.md (+ latency.png).
+
+    `device` "cuda" runs the refiner stage and the live run's decoder and refiners on the GPU."""
     import torch
 
     from spikevaediff.core.bundle import load_bundle
@@ -201,10 +203,10 @@ def run_bench(sessions, bundle_dir, out, stages=STAGES, duration: float = 20.0, 
         torch.set_num_threads(1)
         result["refiner"] = bench_refiner_backends(ModelProfile(m.profile, m.weights_dir), steps=5,
                                                    repeats=3 if quick else 10, image_repeats=1 if quick else 2,
-                                                   seed=seed)
+                                                   seed=seed, device=device)
     if "live" in stages:
         result["live"] = bench_live(sessions, bundle_dir, out / "live", duration=duration, speed=speed,
-                                    seed=seed, transport=transport)
+                                    seed=seed, transport=transport, device=device)
         latency_plot(out / "latency.png", result["live"])
     write_bench(out, result)
     return result

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--transport", choices=("tcp", "ipc"), default="tcp", help="loopback transport")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and decoding")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: where the refiner stage and the live run's decoder and refiners run")
     p.set_defaults(func=run_bench_command)
 
 
@@ -41,8 +43,18 @@ def run_bench_command(args) -> int:
     for s in args.session:
         if not Path(s).is_file():
             raise UserError(f"session file not found: {s}")
+    if args.device != "cpu":
+        import re
+
+        import torch
+
+        if not re.fullmatch(r"cuda(:\d+)?", args.device):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got '{args.device}'")
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: torch sees no CUDA device on this machine")
     result = run_bench(args.session, args.bundle, args.out, stages=tuple(args.stage), duration=args.duration,
-                       speed=args.speed, seed=args.seed, quick=args.quick, transport=args.transport)
+                       speed=args.speed, seed=args.seed, quick=args.quick, transport=args.transport,
+                       device=args.device)
     print(f"{'ratio (ours / baseline, time)':58s} value")
     for key, value in sorted(result["ratios"].items()):
         print(f"{key:58s} {value:.3f}")

@@ -39,3 +39,16 @@ def test_bench_missing_bundle_is_one_line(small_session, tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bundle not found" in err[0]
+
+
+def test_bench_bad_device_is_one_line(small_session, trained_bundle, tmp_path, capsys):
+    import torch
+
+    cases = [("gpu", "must be cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device"))
+    for device, expected in cases:
+        assert main(["bench", "--session", str(small_session), "--bundle", str(trained_bundle),
+                     "--out", str(tmp_path / "b"), "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
