@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_json
 from .ridge import RidgeRegression
 
 BUNDLE_FORMAT_VERSION = 1
@@ -248,10 +248,7 @@ def read_manifest(directory, verify_hashes: bool = False) -> BundleManifest:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise UserError(f"{directory} is not a bundle: {MANIFEST_NAME} is missing")
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{manifest_path} is corrupt (not valid JSON: {exc})") from None
+    data = read_json(manifest_path, "bundle manifest")
     manifest = BundleManifest.from_dict(data, where=str(manifest_path))
     for rel, record in sorted(manifest.files.items()):
         _check_relpath(rel)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .clip import as_rgb_list
 from .config import ModelProfile
-from .errors import UserError
+from .errors import UserError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,7 @@ def load_captions(path) -> dict[int, str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"captions file not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"captions file {path} is not valid JSON ({exc})") from None
+    raw = read_json(path, "captions file")
     if not isinstance(raw, dict):
         raise UserError(f"captions file {path} must hold a JSON object {{frame index: text}}")
     captions = {}

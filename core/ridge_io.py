@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, read_json
 
 RIDGE_FORMAT = "spikevaediff.ridge"
 RIDGE_FORMAT_VERSION = 1
@@ -105,10 +105,7 @@ def _read_sidecar(path: Path) -> dict:
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise UserError(f"ridge metadata {sidecar} is missing")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"ridge metadata {sidecar} is corrupt (not valid JSON: {exc})") from None
+    meta = read_json(sidecar, "ridge metadata")
     if not isinstance(meta, dict) or meta.get("format") != RIDGE_FORMAT:
         raise UserError(f"{sidecar} is not a spikevaediff ridge file")
     if meta.get("format_version") != RIDGE_FORMAT_VERSION:

@@ -9,13 +9,12 @@ its own class, which sidesteps breakage 2 (`from_pretrained` of the pipeline can
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +81,7 @@ def check_folder(path: Path | str) -> Path:
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"{path} is not a Versatile Diffusion folder (no model_index.json)")
-    try:
-        declared = json.loads(index.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{index} is not readable JSON ({exc})") from exc
+    declared = read_json(index, "Versatile Diffusion index")
     needed = [c for c in COMPONENTS if c != "text_unet"]
     missing = [c for c in needed if c not in declared or not (path / c).is_dir()]
     if missing:

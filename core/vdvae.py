@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import UserError
+from .errors import UserError, read_json
 from .vdvae_blocks import Decoder, Encoder, parse_layer_string, width_settings
 
 # uint8 -> network input, as the published ImageNet-64 model was trained.
@@ -276,10 +276,7 @@ def read_checkpoint_meta(path) -> dict | None:
     meta_path = Path(path).with_suffix(".json")
     if not meta_path.is_file():
         return None
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{meta_path}: not valid JSON ({exc.msg})") from exc
+    return read_json(meta_path, "checkpoint metadata")
 
 
 # ---------------------------------------------------------------------------------------------

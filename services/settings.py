@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from spikevaediff.core.errors import UserError
+from spikevaediff.core.errors import UserError, read_json
 
 SERVICES = ("replay", "decoder", "refiner", "recorder")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")  # the torch UNet backend's
@@ -140,10 +140,7 @@ class ServiceConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"config {path} is not valid JSON: {exc}") from None
+        raw = read_json(path, "config")
         return cls.from_dict(raw, source=str(path)).validate()
 
     @classmethod
