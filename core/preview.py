@@ -41,7 +41,8 @@ class PreviewDecoder:
         on_cuda = model.device.type == "cuda"
         if cuda_graph and (not on_cuda or seed is None):
             raise UserError("a CUDA-graph preview needs the model on a CUDA device and a fixed seed")
-        self.cuda_graph = bool(on_cuda and seed is not None if cuda_graph is None else cuda_graph)
+        if cuda_graph is None:
+            cuda_graph = on_cuda and seed is not None
         self._tape = None
         self._graph = None
         if seed is not None:
@@ -49,7 +50,7 @@ class PreviewDecoder:
             with torch.inference_mode():  # the recording call: its draws are the seeded ones
                 self._forward(torch.zeros(1, self.latent_dim, device=model.device, dtype=model.dtype))
             self._tape.rewind()
-        if self.cuda_graph:
+        if cuda_graph:
             self._capture()
 
     def describe(self) -> str:

@@ -36,7 +36,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BLIP2_QUERY_TOKENS = 4  # the paper model uses 32
 
 
-def _image_processor_class(name: str):
+def image_processor_class(name: str):
     """transformers' image processor `name`, or its PIL twin when torchvision is absent.
 
     Both save the same `preprocessor_config.json` (type `name`); this only avoids a warning.
@@ -99,7 +99,7 @@ def write_tiny_clip(out_dir, seed: int = 0) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         write_bpe_files(folder, *clip_bpe())  # the classic files too, for older loaders
-        processor = _image_processor_class("CLIPImageProcessor")(
+        processor = image_processor_class("CLIPImageProcessor")(
             do_resize=True, size={"shortest_edge": TINY_IMAGE_SIZE}, resample=3,  # bicubic, as CLIP
             do_center_crop=True, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
@@ -152,7 +152,7 @@ def write_tiny_blip2(out_dir, seed: int = 0) -> Path:
             torch.manual_seed(seed)
             model = Blip2ForConditionalGeneration(config).eval()
         model.save_pretrained(folder)
-        image_processor = _image_processor_class("BlipImageProcessor")(
+        image_processor = image_processor_class("BlipImageProcessor")(
             do_resize=True, size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, resample=3,
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
             image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)

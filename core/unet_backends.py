@@ -59,9 +59,12 @@ class TorchUNetBackend(UNetBackend):
             raise UserError(f"unknown torch.compile mode '{compile}' (choose from {', '.join(self.COMPILE_MODES)})")
         self.unet = unet
         self.compile_mode = compile or None
-        self.compiled = bool(compile)
         self._graphs = compile in ("reduce-overhead", "max-autotune")
         self._forward = torch.compile(unet, mode=compile) if compile else unet
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_mode is not None
 
     @torch.no_grad()
     def __call__(self, latents, t, context):

@@ -75,7 +75,7 @@ def clip_l14_towers(eos_id: int):
 def paper_shaped_components(device: str = "cpu", dtype: torch.dtype | None = None,
                             seed: int = 0) -> VDComponents:
     """Versatile Diffusion at the published sizes, random weights, ready for `Refiner.from_components`."""
-    from .tiny import CLIP_MEAN, CLIP_STD, _image_processor_class
+    from .tiny import CLIP_MEAN, CLIP_STD, image_processor_class
     from .tiny_tokenizers import clip_tokenizer
     from .tiny_vd import SCHEDULE
     from .vd_compat import Transformer2DModel, to_dual_attention
@@ -95,7 +95,7 @@ def paper_shaped_components(device: str = "cpu", dtype: torch.dtype | None = Non
                 materialise(module, device)
     to_dual_attention(image_unet, text_unet)
     del text_unet
-    processor = _image_processor_class("CLIPImageProcessor")(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+    processor = image_processor_class("CLIPImageProcessor")(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)
     components = VDComponents(
         image_unet=image_unet.eval(), vae=vae.eval(), scheduler_config=dict(SCHEDULE),

@@ -112,17 +112,9 @@ def onnx_providers(device: str) -> list[str]:
 
 
 def median_ms(fn, repeats: int, sync) -> float:
-    import numpy as np
+    from spikevaediff.services.bench_models import median_ms as median_and_max_ms
 
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+    return median_and_max_ms(fn, repeats, sync)[0]
 
 
 def measure(refiner, inputs, reference, sync, repeats: int) -> dict:
@@ -329,7 +321,8 @@ def main(argv=None) -> int:
         print(f"gpu_check: error: cannot import {exc.name} (this check installs nothing)", file=sys.stderr)
         return 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps(environment(args.device)), flush=True)
+    env = environment(args.device)
+    print(json.dumps(env), flush=True)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="spikevaediff-engines-"))
     decoder = None
     if not args.no_decoder:
@@ -354,7 +347,7 @@ def main(argv=None) -> int:
             continue
         rows += run_profile(name, components_loader(name, profile), args, deadline, cache)
     if args.json:
-        args.json.write_text(json.dumps({"environment": environment(args.device), "decoder": decoder,
+        args.json.write_text(json.dumps({"environment": env, "decoder": decoder,
                                          "rows": rows}, indent=2))
     return 0 if any("skipped" not in r for r in rows) else 1
 

@@ -21,7 +21,7 @@ import numpy as np
 from spikevaediff.core.errors import UserError
 
 
-def _median_ms(fn, repeats: int, sync=None) -> tuple[float, float]:
+def median_ms(fn, repeats: int, sync=None) -> tuple[float, float]:
     """(median, max) wall time of `fn()` in ms over `repeats` runs, after one warm-up."""
     fn()
     times = []
@@ -61,7 +61,7 @@ def bench_refiner(profile, device: str, repeats: int, backend: str = "torch") ->
     size = refiner.settings.image_size // 8
     latents = torch.randn(2, 4, size, size, device=device, dtype=refiner.dtype)
     context = torch.randn(2, CLIP_TEXT_TOKENS + CLIP_IMAGE_TOKENS, dim, device=device, dtype=refiner.dtype)
-    step_ms, step_max = _median_ms(lambda: refiner.backend(latents, torch.tensor(500, device=device), context),
+    step_ms, step_max = median_ms(lambda: refiner.backend(latents, torch.tensor(500, device=device), context),
                                    repeats * 3, sync)
     row = {"backend": refiner.backend.describe(), "unet_step_ms_cfg_batch2": step_ms,
            "unet_step_ms_max": step_max, "image_size": refiner.settings.image_size}
@@ -69,7 +69,7 @@ def bench_refiner(profile, device: str, repeats: int, backend: str = "torch") ->
     for kept, scheduler in ((5, "dpmsolver++"), (37, "ddim")):
         steps = schedule_for(kept, strength)
         refiner.configure(scheduler=scheduler, steps=steps)
-        ms, _ = _median_ms(lambda: refiner.refine(preview, vision, text, seed=0), repeats, sync)
+        ms, _ = median_ms(lambda: refiner.refine(preview, vision, text, seed=0), repeats, sync)
         row[f"image_ms_{kept}_steps"] = ms
         row[f"schedule_{kept}_steps"] = f"{scheduler} {steps} x {strength}"
         row[f"unet_evaluations_{kept}_steps"] = refiner.unet_evaluations()
@@ -84,7 +84,7 @@ def bench_clip(profile, device: str, repeats: int) -> dict:
     row = {}
     for batch in (1, 16):
         images = np.random.default_rng(batch).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
-        ms, _ = _median_ms(lambda: encoder.image_embeds(images, progress=False), repeats)
+        ms, _ = median_ms(lambda: encoder.image_embeds(images, progress=False), repeats)
         row[f"image_features_ms_per_image_b{batch}"] = ms / batch
     return row
 
